@@ -1,0 +1,206 @@
+"""The in-process LLM engine: scheduler + block manager + model runner + sampler.
+
+One ``step()`` schedules a batch (prefill chunks and decodes mixed), runs the
+model once, samples, and reports new tokens per request. The routed experts
+run wherever the router's transport sends them (in this process by default).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from attention.block_manager import BlockManager
+from attention.kv_cache import KVCache, bytes_per_block
+from attention.layers import AttnMeta
+from attention.model_runner import ModelRunner
+from attention.sampler import sample
+from attention.scheduler import SchedulerConfig, Scheduler
+from attention.sequence import RequestError, RequestOutput, SamplingParams, Sequence
+from attention.tokenizer import TextTokenizer, load_tokenizer
+from attention.weights import load_attention_weights
+from cluster.checkpoint import CheckpointReader
+from cluster.spec import ModelSpec, load_spec
+from router_service.dispatch import ExpertDispatcher
+from router_service.gate import GateConfig
+from router_service.moe_router import GateParams, MoERouter
+from router_service.placement import Placement, round_robin_placement
+from router_service.transport import ExpertTransport, InProcessTransport
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(name: str | None, spec: ModelSpec) -> torch.dtype:
+    """Compute dtype: explicit name, else the checkpoint's (fp16 checkpoints run in bf16 on CPU)."""
+    name = name or spec.torch_dtype
+    if name in ("float16", "fp16", "half"):
+        name = "bfloat16"
+    if name not in _DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; use float32 or bfloat16")
+    return _DTYPES[name]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    dtype: str | None = None
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_bytes: int = 1 << 30
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    top_k_override: int | None = None
+    capacity_factor: float | None = None
+    num_threads: int | None = None
+
+
+def build_local_experts(model_dir: str | Path, spec: ModelSpec, placement: Placement, dtype: torch.dtype,
+                        reader: CheckpointReader | None = None) -> InProcessTransport:
+    """Load every shard of ``placement`` into this process (the in-process transport)."""
+    from expert_actors.slots import ExpertSlots
+
+    reader = reader or CheckpointReader(model_dir)
+    shards = {}
+    for shard in range(placement.num_shards):
+        slots = ExpertSlots(spec, dtype)
+        for moe_layer, pairs in placement.shard_slots(shard).items():
+            slots.load(reader, moe_layer, pairs)
+        shards[shard] = slots
+    return InProcessTransport(shards)
+
+
+class LLMEngine:
+    def __init__(self, model_dir: str | Path, config: EngineConfig = EngineConfig(),
+                 transport: ExpertTransport | None = None, placement: Placement | None = None):
+        self.model_dir = Path(model_dir)
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.spec = spec = load_spec(model_dir)
+        self.dtype = resolve_dtype(config.dtype, spec)
+        self.reader = CheckpointReader(model_dir)
+        weights = load_attention_weights(self.reader, spec, self.dtype)
+        self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
+        num_blocks = config.num_blocks or max(
+            1, config.kv_cache_bytes // bytes_per_block(spec, config.block_size, self.dtype))
+        num_blocks = min(num_blocks, config.max_num_seqs * -(-self.max_model_len // config.block_size) + 1)
+        self.cache = KVCache(spec, num_blocks, config.block_size, self.dtype)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                                   self.max_model_len), self.blocks)
+        router = None
+        if spec.moe is not None:
+            gate_cfg = GateConfig.from_spec(spec.moe, config.top_k_override, config.capacity_factor)
+            gates = [GateParams(lw.moe.router, lw.moe.correction_bias)
+                     for lw in weights.layers if lw.moe is not None]
+            self.placement = placement or round_robin_placement(spec.num_moe_layers, spec.moe.num_experts, 1)
+            self.placement.validate(spec.moe.num_experts)
+            if transport is None:
+                transport = build_local_experts(model_dir, spec, self.placement, self.dtype)
+            router = MoERouter(gate_cfg, gates, ExpertDispatcher(self.placement, transport))
+        self.router = router
+        self.runner = ModelRunner(spec, weights, self.cache, router, self.dtype, self.max_model_len)
+        self.tokenizer: TextTokenizer | None = load_tokenizer(model_dir)
+        self._seqs: dict[str, Sequence] = {}
+        self._arrival = itertools.count()
+        self._eos = set(spec.eos_token_ids)
+
+    # -- requests ----------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        params.validate()
+        if request_id in self._seqs:
+            raise RequestError(f"duplicate request id {request_id!r}")
+        if not prompt_token_ids:
+            raise RequestError("prompt is empty")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise RequestError(f"prompt token id {bad[0]} out of range [0, {self.spec.vocab_size})")
+        seq = Sequence(request_id, list(prompt_token_ids), params, arrival=next(self._arrival))
+        self.scheduler.add(seq)
+        self._seqs[request_id] = seq
+
+    def abort(self, request_id: str) -> None:
+        seq = self._seqs.pop(request_id, None)
+        if seq is not None and not seq.finished:
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- stepping ----------------------------------------------------------------
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids:
+            return "stop"
+        if token in self._eos and not p.ignore_eos:
+            return "stop"
+        if p.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output_token_ids)
+            if any(s in text for s in p.stop):
+                return "stop"
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.empty:
+            return []
+        ids, q_lens, ctx_lens, tables, sample_rows, sampled = [], [], [], [], [], []
+        row = 0
+        for seq, n in zip(batch.seqs, batch.num_new):
+            ids.extend(seq.token_ids[seq.num_computed:seq.num_computed + n])
+            q_lens.append(n)
+            ctx_lens.append(seq.num_computed + n)
+            tables.append(seq.block_table)
+            row += n
+            if seq.num_computed + n == seq.num_tokens:
+                sample_rows.append(row - 1)
+                sampled.append(seq)
+        meta = AttnMeta.build(q_lens, ctx_lens, tables, self.blocks.block_size)
+        logits = self.runner.forward(torch.tensor(ids, dtype=torch.int64), meta,
+                                     torch.tensor(sample_rows, dtype=torch.int64))
+        for seq, n in zip(batch.seqs, batch.num_new):
+            seq.num_computed += n
+            if not seq.prefix_registered and seq.num_computed >= len(seq.prompt_token_ids):
+                self.blocks.register_full_blocks(seq.prompt_token_ids, seq.block_table, seq.num_computed)
+                seq.prefix_registered = True
+        self.last_logits = logits  # [B', V] of the sequences sampled this step (tests, scoring)
+        outputs = []
+        tokens = sample(logits, sampled) if sampled else []
+        for seq, tok in zip(sampled, tokens):
+            seq.token_ids.append(tok)
+            seq.output_token_ids.append(tok)
+            reason = self._stop_reason(seq, tok)
+            if reason:
+                self.scheduler.finish(seq, reason)
+                self._seqs.pop(seq.request_id, None)
+            outputs.append(RequestOutput(seq.request_id, [tok], reason is not None, reason,
+                                         len(seq.prompt_token_ids), len(seq.output_token_ids)))
+        return outputs
+
+    # -- convenience -------------------------------------------------------------
+    def generate(self, prompts: Iterable[list[int]], params: SamplingParams | list[SamplingParams]
+                 ) -> list[list[int]]:
+        """Run prompts to completion together; returns generated ids per prompt."""
+        prompts = list(prompts)
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        base = f"gen-{next(self._arrival)}-"
+        results: dict[str, list[int]] = {}
+        for i, (p, sp) in enumerate(zip(prompts, plist)):
+            rid = f"{base}{i}"
+            self.add_request(rid, p, sp)
+            results[rid] = []
+        while any(rid in self._seqs for rid in results):
+            for out in self.step():
+                if out.request_id in results:
+                    results[out.request_id].extend(out.new_token_ids)
+        return [results[f"{base}{i}"] for i in range(len(prompts))]

@@ -1,0 +1,147 @@
+"""Attention-side layer math: RMSNorm, GQA and MLA attention over the paged cache.
+
+Functions take plain weight dataclasses and tensors; shapes: ``T`` tokens in
+the step, ``B`` sequences, ``Q``/``C`` the longest query/context of the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from attention.kv_cache import KVCache
+from attention.rope import RotaryEmbedding
+from attention.weights import GQAWeights, MLAWeights
+from cluster.spec import ModelSpec
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x [..., D]`` normalised in fp32, scaled by ``weight [D]`` in ``x``'s dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+@dataclass
+class AttnMeta:
+    """Per-step indexing shared by every layer.
+
+    ``positions [T]``, ``slot_mapping [T]`` (cache slot of each new token),
+    ``tok_idx [B, Q]`` (row of ``T`` for each padded query), ``valid_q [B, Q]``,
+    ``cache_slots [B, C]`` (cache slot of each context position),
+    ``mask [B, 1, Q, C]`` (causal and length mask).
+    """
+
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    tok_idx: torch.Tensor
+    valid_q: torch.Tensor
+    cache_slots: torch.Tensor
+    mask: torch.Tensor
+
+    @staticmethod
+    def build(q_lens: list[int], ctx_lens: list[int], block_tables: list[list[int]], block_size: int) -> "AttnMeta":
+        b = len(q_lens)
+        q_len_t = torch.tensor(q_lens, dtype=torch.int64)
+        ctx_t = torch.tensor(ctx_lens, dtype=torch.int64)
+        starts = torch.cumsum(q_len_t, 0) - q_len_t
+        # positions of new tokens: ctx - q_len ... ctx - 1 per sequence
+        seq_of_tok = torch.repeat_interleave(torch.arange(b), q_len_t)
+        offs = torch.arange(int(q_len_t.sum())) - starts[seq_of_tok]
+        positions = (ctx_t - q_len_t)[seq_of_tok] + offs
+        max_blocks = max(len(t) for t in block_tables)
+        bt = torch.zeros(b, max_blocks, dtype=torch.int64)
+        for i, t in enumerate(block_tables):
+            bt[i, :len(t)] = torch.tensor(t, dtype=torch.int64)
+        slot_mapping = bt[seq_of_tok, positions // block_size] * block_size + positions % block_size
+        qmax, cmax = int(q_len_t.max()), int(ctx_t.max())
+        qi = torch.arange(qmax)
+        valid_q = qi.unsqueeze(0) < q_len_t.unsqueeze(1)
+        tok_idx = torch.where(valid_q, starts.unsqueeze(1) + qi, torch.zeros_like(qi))
+        kp = torch.arange(cmax)
+        cache_slots = torch.gather(bt, 1, (kp // block_size).clamp(max=max_blocks - 1).expand(b, -1)) * block_size \
+            + kp % block_size
+        qpos = (ctx_t - q_len_t).unsqueeze(1) + qi  # [B, Q]
+        mask = (kp.view(1, 1, -1) <= qpos.unsqueeze(-1)) & (kp.view(1, 1, -1) < ctx_t.view(-1, 1, 1))
+        return AttnMeta(positions, slot_mapping, tok_idx, valid_q, cache_slots, mask.unsqueeze(1))
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, scale: float) -> torch.Tensor:
+    """``q [T, H, dq]``, ``k [B, C, KV, dq]``, ``v [B, C, KV, dv]`` -> ``[T, H*dv]``."""
+    qp = q[meta.tok_idx].transpose(1, 2)           # [B, H, Q, dq]
+    kp = k.transpose(1, 2)                          # [B, KV, C, dq]
+    vp = v.transpose(1, 2)
+    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=meta.mask, scale=scale,
+                                         enable_gqa=kp.shape[1] != qp.shape[1])
+    out = out.transpose(1, 2)                       # [B, Q, H, dv]
+    return out[meta.valid_q].reshape(q.shape[0], -1)
+
+
+def gqa_attention(x: torch.Tensor, w: GQAWeights, spec: ModelSpec, layer: int, cache: KVCache,
+                  rope: RotaryEmbedding, meta: AttnMeta) -> torch.Tensor:
+    """Grouped-query attention: ``x [T, D]`` -> ``[T, D]``; writes K/V of new tokens."""
+    t = x.shape[0]
+    h, kv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    q = F.linear(x, w.q, w.q_bias)
+    k = F.linear(x, w.k, w.k_bias)
+    v = F.linear(x, w.v, w.v_bias)
+    if spec.qk_norm == "full":
+        q = rms_norm(q, w.q_norm, spec.rms_norm_eps)
+        k = rms_norm(k, w.k_norm, spec.rms_norm_eps)
+    if spec.clip_qkv is not None:
+        c = spec.clip_qkv
+        q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+    q, k, v = q.view(t, h, hd), k.view(t, kv, hd), v.view(t, kv, hd)
+    if spec.qk_norm == "per_head":
+        q = rms_norm(q, w.q_norm, spec.rms_norm_eps)
+        k = rms_norm(k, w.k_norm, spec.rms_norm_eps)
+    q = rope.apply(q, meta.positions)
+    k = rope.apply(k, meta.positions)
+    kc, vc = cache.k[layer], cache.v[layer]
+    kc[meta.slot_mapping] = k
+    vc[meta.slot_mapping] = v
+    out = _attend(q, kc[meta.cache_slots], vc[meta.cache_slots], meta, hd ** -0.5)
+    return F.linear(out, w.o, w.o_bias)
+
+
+def mla_softmax_scale(spec: ModelSpec) -> float:
+    m, r = spec.mla, spec.rope
+    scale = m.qk_head_dim ** -0.5
+    if r.rope_type == "yarn" and r.mscale_all_dim:
+        ms = 0.1 * r.mscale_all_dim * torch.log(torch.tensor(r.factor)).item() + 1.0 if r.factor > 1 else 1.0
+        scale = scale * ms * ms
+    return scale
+
+
+def mla_attention(x: torch.Tensor, w: MLAWeights, spec: ModelSpec, layer: int, cache: KVCache,
+                  rope: RotaryEmbedding, meta: AttnMeta) -> torch.Tensor:
+    """DeepSeek multi-head latent attention: ``x [T, D]`` -> ``[T, D]``.
+
+    The cache keeps the normalised latent ``c [kv_lora_rank]`` and the rotated
+    shared key ``k_pe [qk_rope_head_dim]`` per token; keys and values of all
+    heads are expanded from the latent at attention time.
+    """
+    m = spec.mla
+    t, h = x.shape[0], spec.num_heads
+    if w.q_proj is not None:
+        q = F.linear(x, w.q_proj)
+    else:
+        q = F.linear(rms_norm(F.linear(x, w.q_a, w.q_a_bias), w.q_a_norm, spec.rms_norm_eps), w.q_b)
+    q = q.view(t, h, m.qk_head_dim)
+    q_nope, q_pe = q.split([m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)
+    ckv = F.linear(x, w.kv_a, w.kv_a_bias)
+    c, k_pe = ckv.split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+    c = rms_norm(c, w.kv_a_norm, spec.rms_norm_eps)
+    q_pe = rope.apply(q_pe, meta.positions)
+    k_pe = rope.apply(k_pe.unsqueeze(1), meta.positions).squeeze(1)
+    lat = cache.latent[layer]
+    lat[meta.slot_mapping] = torch.cat([c, k_pe], dim=-1)
+    ctx = lat[meta.cache_slots]                                   # [B, C, r + rope]
+    b, cl = ctx.shape[:2]
+    kv = F.linear(ctx[..., :m.kv_lora_rank], w.kv_b).view(b, cl, h, m.qk_nope_head_dim + m.v_head_dim)
+    k_nope, v = kv.split([m.qk_nope_head_dim, m.v_head_dim], dim=-1)
+    k = torch.cat([k_nope, ctx[..., m.kv_lora_rank:].unsqueeze(2).expand(b, cl, h, m.qk_rope_head_dim)], dim=-1)
+    out = _attend(torch.cat([q_nope, q_pe], dim=-1), k, v, meta, mla_softmax_scale(spec))
+    return F.linear(out, w.o, w.o_bias)

@@ -1,0 +1,43 @@
+"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+import torch
+
+from attention.sequence import Sequence
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask logits outside top-k / the top-p nucleus.
+
+    ``logits [B, V]`` (already divided by temperature), ``top_k [B]`` (0 = off),
+    ``top_p [B]`` in (0, 1]. Returns ``[B, V]`` with masked entries at -inf.
+    """
+    vocab = logits.shape[-1]
+    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+    rank = torch.arange(vocab).unsqueeze(0)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab)).unsqueeze(1)
+    drop = rank >= k
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    cum_before = torch.cumsum(probs, dim=-1) - probs
+    drop |= cum_before >= top_p.unsqueeze(1)   # keep the smallest set whose mass reaches top_p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, sorted_idx, sorted_logits)
+
+
+def sample(logits: torch.Tensor, seqs: Seq[Sequence]) -> list[int]:
+    """Pick the next token of each sequence from ``logits [B, V]`` (fp32)."""
+    out = torch.argmax(logits, dim=-1)
+    rand = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    if rand:
+        rows = torch.tensor(rand)
+        temps = torch.tensor([seqs[i].params.temperature for i in rand], dtype=torch.float32)
+        top_k = torch.tensor([seqs[i].params.top_k for i in rand], dtype=torch.int64)
+        top_p = torch.tensor([seqs[i].params.top_p for i in rand], dtype=torch.float32)
+        scaled = _filter_top_k_top_p(logits[rows] / temps.unsqueeze(1), top_k, top_p)
+        probs = torch.softmax(scaled, dim=-1)
+        for j, i in enumerate(rand):
+            out[i] = torch.multinomial(probs[j], 1, generator=seqs[i].generator)[0]
+    return out.tolist()

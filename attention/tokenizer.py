@@ -1,0 +1,32 @@
+"""Tokenizer of a checkpoint, from its ``tokenizer.json`` via ``tokenizers``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from attention.sequence import RequestError
+
+
+class TextTokenizer:
+    def __init__(self, tok: Tokenizer):
+        self.tok = tok
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+def load_tokenizer(model_dir: str | Path) -> TextTokenizer | None:
+    """The checkpoint's tokenizer, or None when it ships without one."""
+    path = Path(model_dir) / "tokenizer.json"
+    return TextTokenizer(Tokenizer.from_file(str(path))) if path.is_file() else None
+
+
+def require_tokenizer(tok: TextTokenizer | None) -> TextTokenizer:
+    if tok is None:
+        raise RequestError("this checkpoint has no tokenizer.json: send the prompt as token ids")
+    return tok

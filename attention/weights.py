@@ -1,0 +1,171 @@
+"""Attention-side weights of a model: everything but the routed experts.
+
+Read tensor by tensor from the checkpoint with their expected shapes; no
+routed-expert tensor is ever read here (the expert shards hold those).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cluster.checkpoint import CheckpointReader
+from cluster.spec import ModelSpec
+from cluster.weight_names import (
+    FFNNames,
+    correction_bias_name,
+    dense_mlp_names,
+    layer_prefix,
+    router_weight_name,
+    shared_expert_gate_name,
+    shared_expert_names,
+)
+
+
+@dataclass
+class FFNWeights:
+    gate: torch.Tensor  # [I, D]
+    up: torch.Tensor    # [I, D]
+    down: torch.Tensor  # [D, I]
+
+
+@dataclass
+class GQAWeights:
+    q: torch.Tensor      # [H*hd, D]
+    k: torch.Tensor      # [KV*hd, D]
+    v: torch.Tensor      # [KV*hd, D]
+    o: torch.Tensor      # [D, H*hd]
+    q_bias: torch.Tensor | None = None
+    k_bias: torch.Tensor | None = None
+    v_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None  # [hd] per head, or [H*hd] full
+    k_norm: torch.Tensor | None = None
+
+
+@dataclass
+class MLAWeights:
+    q_proj: torch.Tensor | None        # [H*qk, D] when q_lora_rank is None
+    q_a: torch.Tensor | None           # [q_lora, D]
+    q_a_norm: torch.Tensor | None      # [q_lora]
+    q_b: torch.Tensor | None           # [H*qk, q_lora]
+    kv_a: torch.Tensor                 # [kv_lora + rope, D]
+    kv_a_norm: torch.Tensor            # [kv_lora]
+    kv_b: torch.Tensor                 # [H*(nope+v), kv_lora]
+    o: torch.Tensor                    # [D, H*v]
+    q_a_bias: torch.Tensor | None = None
+    kv_a_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+
+
+@dataclass
+class MoEGateWeights:
+    router: torch.Tensor                       # [E, D]
+    correction_bias: torch.Tensor | None       # [E] (DeepSeek-V3)
+    shared: FFNWeights | None                  # shared expert(s)
+    shared_gate: torch.Tensor | None           # [1, D] (Qwen2-MoE)
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    attn: GQAWeights | MLAWeights
+    mlp: FFNWeights | None          # dense layers
+    moe: MoEGateWeights | None      # MoE layers (routed experts live on shards)
+
+
+@dataclass
+class AttentionModelWeights:
+    embed: torch.Tensor    # [V, D]
+    final_norm: torch.Tensor
+    lm_head: torch.Tensor  # [V, D]
+    layers: list[LayerWeights]
+
+
+def _ffn(reader: CheckpointReader, names: FFNNames, d: int, inter: int, dtype) -> FFNWeights:
+    return FFNWeights(reader.get(names.gate, (inter, d), dtype), reader.get(names.up, (inter, d), dtype),
+                      reader.get(names.down, (d, inter), dtype))
+
+
+def _gqa(reader: CheckpointReader, spec: ModelSpec, layer: int, dtype) -> GQAWeights:
+    p = f"{layer_prefix(layer)}.self_attn"
+    d, hd, h, kv = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
+    w = GQAWeights(q=reader.get(f"{p}.q_proj.weight", (h * hd, d), dtype),
+                   k=reader.get(f"{p}.k_proj.weight", (kv * hd, d), dtype),
+                   v=reader.get(f"{p}.v_proj.weight", (kv * hd, d), dtype),
+                   o=reader.get(f"{p}.o_proj.weight", (d, h * hd), dtype))
+    if spec.qkv_bias:
+        w.q_bias = reader.get(f"{p}.q_proj.bias", (h * hd,), dtype)
+        w.k_bias = reader.get(f"{p}.k_proj.bias", (kv * hd,), dtype)
+        w.v_bias = reader.get(f"{p}.v_proj.bias", (kv * hd,), dtype)
+    if spec.o_bias:
+        w.o_bias = reader.get(f"{p}.o_proj.bias", (d,), dtype)
+    if spec.qk_norm == "per_head":
+        w.q_norm = reader.get(f"{p}.q_norm.weight", (hd,), dtype)
+        w.k_norm = reader.get(f"{p}.k_norm.weight", (hd,), dtype)
+    elif spec.qk_norm == "full":
+        w.q_norm = reader.get(f"{p}.q_norm.weight", (h * hd,), dtype)
+        w.k_norm = reader.get(f"{p}.k_norm.weight", (kv * hd,), dtype)
+    return w
+
+
+def _mla(reader: CheckpointReader, spec: ModelSpec, layer: int, dtype) -> MLAWeights:
+    m = spec.mla
+    assert m is not None
+    p = f"{layer_prefix(layer)}.self_attn"
+    d, h = spec.hidden_size, spec.num_heads
+    bias = spec.qkv_bias
+    if m.q_lora_rank:
+        q_proj = None
+        q_a = reader.get(f"{p}.q_a_proj.weight", (m.q_lora_rank, d), dtype)
+        q_a_norm = reader.get(f"{p}.q_a_layernorm.weight", (m.q_lora_rank,), dtype)
+        q_b = reader.get(f"{p}.q_b_proj.weight", (h * m.qk_head_dim, m.q_lora_rank), dtype)
+    else:
+        q_proj = reader.get(f"{p}.q_proj.weight", (h * m.qk_head_dim, d), dtype)
+        q_a = q_a_norm = q_b = None
+    return MLAWeights(
+        q_proj=q_proj, q_a=q_a, q_a_norm=q_a_norm, q_b=q_b,
+        kv_a=reader.get(f"{p}.kv_a_proj_with_mqa.weight", (m.kv_lora_rank + m.qk_rope_head_dim, d), dtype),
+        kv_a_norm=reader.get(f"{p}.kv_a_layernorm.weight", (m.kv_lora_rank,), dtype),
+        kv_b=reader.get(f"{p}.kv_b_proj.weight", (h * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank), dtype),
+        o=reader.get(f"{p}.o_proj.weight", (d, h * m.v_head_dim), dtype),
+        q_a_bias=reader.get(f"{p}.q_a_proj.bias", (m.q_lora_rank,), dtype) if bias and m.q_lora_rank else None,
+        kv_a_bias=reader.get(f"{p}.kv_a_proj_with_mqa.bias", (m.kv_lora_rank + m.qk_rope_head_dim,), dtype)
+        if bias else None,
+        o_bias=reader.get(f"{p}.o_proj.bias", (d,), dtype) if spec.o_bias else None,
+    )
+
+
+def load_attention_weights(reader: CheckpointReader, spec: ModelSpec, dtype: torch.dtype) -> AttentionModelWeights:
+    d, v = spec.hidden_size, spec.vocab_size
+    layers = []
+    for layer in range(spec.num_layers):
+        p = layer_prefix(layer)
+        attn = _mla(reader, spec, layer, dtype) if spec.mla else _gqa(reader, spec, layer, dtype)
+        mlp = moe = None
+        if spec.moe is not None and layer in spec.moe_layers:
+            m = spec.moe
+            shared = None
+            if m.shared_intermediate_size:
+                shared = _ffn(reader, shared_expert_names(spec.family, layer), d, m.shared_intermediate_size, dtype)
+            bias = (reader.get(correction_bias_name(spec.family, layer), (m.num_experts,), torch.float32)
+                    if m.has_correction_bias else None)
+            moe = MoEGateWeights(
+                router=reader.get(router_weight_name(spec.family, layer), (m.num_experts, d), dtype),
+                correction_bias=bias, shared=shared,
+                shared_gate=reader.get(shared_expert_gate_name(layer), (1, d), dtype) if m.shared_expert_gated else None)
+        else:
+            mlp = _ffn(reader, dense_mlp_names(layer), d, spec.dense_intermediate_size, dtype)
+        layers.append(LayerWeights(
+            input_norm=reader.get(f"{p}.input_layernorm.weight", (d,), dtype),
+            post_norm=reader.get(f"{p}.post_attention_layernorm.weight", (d,), dtype),
+            attn=attn, mlp=mlp, moe=moe))
+    embed = reader.get("model.embed_tokens.weight", (v, d), dtype)
+    if spec.tie_word_embeddings and not reader.has("lm_head.weight"):
+        lm_head = embed
+    else:
+        lm_head = reader.get("lm_head.weight", (v, d), dtype)
+    return AttentionModelWeights(embed=embed, final_norm=reader.get("model.norm.weight", (d,), dtype),
+                                 lm_head=lm_head, layers=layers)

@@ -1,0 +1,531 @@
+"""``moeyard make-model``: write a small random checkpoint in the Hugging Face hub layout.
+
+The checkpoint is produced *without* ``transformers`` (only torch, safetensors,
+tokenizers and json), but file for file it is what a real hub repository ships and
+what ``transformers`` 5.23 ``save_pretrained`` writes, so
+``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it with no missing,
+unexpected or mismatched keys:
+
+* ``config.json``: the keys the family's ``transformers`` config class and modeling
+  code read (see :func:`build_config`), plus ``torch_dtype``/``dtype``, both
+  ``rope_theta`` and ``rope_parameters``;
+* ``generation_config.json``;
+* ``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` shards plus
+  ``model.safetensors.index.json`` when ``max_shard_bytes`` is set;
+* ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``
+  (a byte-level BPE trained locally, :mod:`cluster.tokenizer_builder`).
+
+Tensor names are the per-expert hub names (``...experts.{e}.w1.weight`` for Mixtral,
+``...experts.{e}.gate_proj.weight`` for the others); ``transformers`` 5.23 fuses
+them into ``experts.gate_up_proj`` / ``experts.down_proj`` at load time and splits
+them again on save.
+
+Sizes: ``intermediate`` is the routed-expert width (``intermediate_size`` for
+Mixtral and OLMoE, ``moe_intermediate_size`` for Qwen-MoE and DeepSeek). Every
+*dense* MLP (Llama, Qwen2, DeepSeek's first dense layers, the unused dense
+``intermediate_size`` of Qwen-MoE) and the Qwen2-MoE shared expert are
+``2 * intermediate`` wide; the DeepSeek shared expert is ``n_shared_experts (=1) *
+intermediate``.
+
+Random init (deterministic): every tensor has its own ``torch.Generator`` seeded
+from ``sha256(f"{seed}/{name}")``, so a tensor's values depend only on the seed,
+its name and its shape (not on sharding or on the other tensors). Values are
+drawn directly in the target dtype: linear weights and embeddings
+``N(0, 0.02)``, attention biases ``N(0, 0.02)``, norm weights ``1 + N(0, 0.02)``,
+DeepSeek-V3 ``e_score_correction_bias`` ``N(0, 0.01)`` (stored in float32, as
+DeepSeek ships it). Router rows are random directions of norm 1 (element std
+``1/sqrt(hidden)``, so router logits on RMS-normalised hidden states are of order
+1) and all of equal norm, so that with ``skew=0`` no expert is favoured.
+
+Skew (load imbalance for load-balancing demos), ``skew > 0``: a bias-free linear
+router ``W h`` is odd in ``h``, so on hidden states symmetric around 0 no expert
+can be favoured (for top-k <= E/2 every expert is picked for at most half of the
+tokens, i.e. max/mean load <= E/(2k)). The skew therefore plants a common
+direction in the residual stream and makes the routers read it:
+
+1. a unit vector ``u`` (from the seed) is added to every token embedding with
+   the same norm as the random part (``0.02 * sqrt(hidden)``), so every token's
+   hidden state, and after RMSNorm its router input ``n``, carries a positive
+   component ``u . n ~ f * sqrt(hidden)`` (``f`` ~ 0.5 .. 0.7);
+2. router row ``e`` is made orthogonal to ``u`` and then gets
+   ``-skew * SKEW_GAIN * ln(e + 1) / sqrt(hidden) * u`` added, so expert ``e``'s
+   logit carries the bias ``~ -skew * ln(e + 1)`` (times ``f * SKEW_GAIN``):
+   routing probabilities are tilted by a Zipf factor ``(e + 1) ** -skew`` and
+   low-numbered experts get most tokens. With ``skew=1.2``, top-2 of 8 experts,
+   expert 0 receives well over twice the mean load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+from cluster.spec import SUPPORTED_FAMILIES
+from cluster.tokenizer_builder import BOS_ID, EOS_ID, MIN_VOCAB_SIZE, build_tokenizer, save_tokenizer_files
+
+__all__ = ["MakeModelOptions", "make_model", "build_config", "tensor_plan", "TensorPlan", "main",
+           "SKEW_GAIN", "TRANSFORMERS_LAYOUT_VERSION"]
+
+TRANSFORMERS_LAYOUT_VERSION = "5.23.0"
+"""The ``transformers`` release whose ``save_pretrained`` layout the writer reproduces."""
+
+SKEW_GAIN = 2.0
+"""Router bias per unit of ``skew * ln(e + 1)``, compensating ``f`` (see the module docstring)."""
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+_MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+_ARCH = {
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+_ROPE_THETA = {"mixtral": 1e6, "qwen2_moe": 1e6, "qwen3_moe": 1e6, "qwen2": 1e6, "llama": 5e5,
+               "olmoe": 1e4, "deepseek_v2": 1e4, "deepseek_v3": 1e4}
+_RMS_EPS = {"mixtral": 1e-5, "olmoe": 1e-5, "llama": 1e-5}
+
+INIT_STD = 0.02
+
+
+@dataclass(frozen=True)
+class MakeModelOptions:
+    family: str
+    layers: int = 2
+    hidden: int = 64
+    intermediate: int = 128
+    experts: int = 8
+    top_k: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    vocab: int = 512
+    max_position_embeddings: int = 4096
+    dtype: str = "bfloat16"
+    seed: int = 0
+    skew: float = 0.0
+    max_shard_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> None:
+            raise ValueError(f"make-model: {msg}")
+
+        if self.family not in SUPPORTED_FAMILIES:
+            bad(f"unknown family {self.family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
+        if self.dtype not in _DTYPES:
+            bad(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        for name in ("layers", "hidden", "intermediate", "heads", "kv_heads", "max_position_embeddings"):
+            if int(getattr(self, name)) <= 0:
+                bad(f"{name} must be positive, got {getattr(self, name)}")
+        if self.hidden % self.heads:
+            bad(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        if self.heads % self.kv_heads:
+            bad(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        if (self.hidden // self.heads) % 2:
+            bad(f"head dim hidden/heads = {self.hidden // self.heads} must be even (rotary embeddings)")
+        if self.family.startswith("deepseek") and self.hidden // self.heads < 4:
+            bad("deepseek families need hidden/heads >= 4 (MLA rope part is half a head)")
+        if self.vocab < MIN_VOCAB_SIZE:
+            bad(f"vocab must be >= {MIN_VOCAB_SIZE} (byte-level BPE: 3 special tokens + 256 bytes), got {self.vocab}")
+        if self.family in _MOE_FAMILIES:
+            if self.experts < 1 or not 1 <= self.top_k <= self.experts:
+                bad(f"need experts >= 1 and 1 <= top_k <= experts, got experts={self.experts} top_k={self.top_k}")
+            if self.family == "deepseek_v3" and self.experts < 2:
+                bad("deepseek_v3 needs experts >= 2 (its group scores take the top-2 experts of a group)")
+        if not (math.isfinite(self.skew) and self.skew >= 0):
+            bad(f"skew must be a finite number >= 0, got {self.skew}")
+        if self.max_shard_bytes is not None and self.max_shard_bytes <= 0:
+            bad(f"max_shard_bytes must be positive, got {self.max_shard_bytes}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def is_moe(self) -> bool:
+        return self.family in _MOE_FAMILIES
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def dense_intermediate(self) -> int:
+        return 2 * self.intermediate
+
+
+# -- config ---------------------------------------------------------------------------
+
+def _mla_dims(o: MakeModelOptions) -> dict:
+    hd = o.head_dim
+    rope = max(2, (hd // 2) // 2 * 2)
+    return dict(
+        q_lora_rank=max(1, o.hidden // 2) if o.family == "deepseek_v3" else None,
+        kv_lora_rank=max(1, o.hidden // 2),
+        qk_nope_head_dim=hd,
+        qk_rope_head_dim=rope,
+        v_head_dim=hd,
+    )
+
+
+def _v3_groups(experts: int, top_k: int) -> tuple[int, int]:
+    """(n_group, topk_group): at most 4 groups dividing the experts, >= 2 experts a group."""
+    n_group = max(g for g in range(1, min(4, experts) + 1) if experts % g == 0 and (g == 1 or experts // g >= 2))
+    topk_group = min(2, n_group)
+    while topk_group * (experts // n_group) < top_k:
+        topk_group += 1
+    return n_group, topk_group
+
+
+def first_dense_layers(o: MakeModelOptions) -> int:
+    """DeepSeek ``first_k_dense_replace``: one dense layer when there are >= 3 layers."""
+    return 1 if o.family.startswith("deepseek") and o.layers >= 3 else 0
+
+
+def build_config(o: MakeModelOptions) -> dict:
+    """The ``config.json`` dict for ``o`` (keys as ``transformers`` 5.23 and the hub use them)."""
+    fam = o.family
+    theta = _ROPE_THETA[fam]
+    cfg: dict = {
+        "architectures": [_ARCH[fam]],
+        "model_type": fam,
+        "vocab_size": o.vocab,
+        "hidden_size": o.hidden,
+        "num_hidden_layers": o.layers,
+        "num_attention_heads": o.heads,
+        "num_key_value_heads": o.kv_heads,
+        "head_dim": o.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": o.max_position_embeddings,
+        "initializer_range": INIT_STD,
+        "rms_norm_eps": _RMS_EPS.get(fam, 1e-6),
+        "rope_theta": theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+        "attention_dropout": 0.0,
+        "use_cache": True,
+        "tie_word_embeddings": False,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": None,
+        "torch_dtype": o.dtype,
+        "dtype": o.dtype,
+        "transformers_version": TRANSFORMERS_LAYOUT_VERSION,
+    }
+    moe_common = {"num_experts_per_tok": o.top_k, "output_router_logits": False}
+    if fam == "mixtral":
+        cfg.update(intermediate_size=o.intermediate, num_local_experts=o.experts, sliding_window=None,
+                   router_aux_loss_coef=0.02, router_jitter_noise=0.0, **moe_common)
+    elif fam in ("qwen2_moe", "qwen3_moe"):
+        cfg.update(intermediate_size=o.dense_intermediate, moe_intermediate_size=o.intermediate,
+                   num_experts=o.experts, decoder_sparse_step=1, mlp_only_layers=[],
+                   router_aux_loss_coef=0.001, use_sliding_window=False, sliding_window=None,
+                   max_window_layers=o.layers, **moe_common)
+        if fam == "qwen2_moe":
+            cfg.update(shared_expert_intermediate_size=o.dense_intermediate, norm_topk_prob=False, qkv_bias=True,
+                       layer_types=["full_attention"] * o.layers)
+        else:
+            # transformers 5.23 maps num_experts -> num_local_experts for Qwen3-MoE and saves the latter;
+            # the hub checkpoints carry num_experts. Write both (equal).
+            cfg.update(num_local_experts=o.experts, norm_topk_prob=True, attention_bias=False)
+    elif fam == "olmoe":
+        cfg.update(intermediate_size=o.intermediate, num_experts=o.experts, norm_topk_prob=False,
+                   attention_bias=False, clip_qkv=None, router_aux_loss_coef=0.01, **moe_common)
+    elif fam in ("deepseek_v2", "deepseek_v3"):
+        v3 = fam == "deepseek_v3"
+        mla = _mla_dims(o)
+        cfg.update(mla)
+        cfg.update(
+            num_key_value_heads=o.heads,        # MLA: every head has its own K/V (from the shared latent)
+            head_dim=mla["qk_rope_head_dim"],    # what transformers' config sets (and saves) for MLA
+            qk_head_dim=mla["qk_nope_head_dim"] + mla["qk_rope_head_dim"],
+            intermediate_size=o.dense_intermediate,
+            moe_intermediate_size=o.intermediate,
+            n_routed_experts=o.experts,
+            n_shared_experts=1,
+            first_k_dense_replace=first_dense_layers(o),
+            moe_layer_freq=1,
+            attention_bias=False,
+            **moe_common,
+        )
+        if v3:
+            n_group, topk_group = _v3_groups(o.experts, o.top_k)
+            cfg.update(n_group=n_group, topk_group=topk_group, topk_method="noaux_tc", scoring_func="sigmoid",
+                       norm_topk_prob=True, routed_scaling_factor=2.5, rope_interleave=True,
+                       num_nextn_predict_layers=0)
+        else:
+            cfg.update(n_group=1, topk_group=1, topk_method="greedy", scoring_func="softmax",
+                       norm_topk_prob=False, routed_scaling_factor=1.0, mlp_bias=False)
+    elif fam == "llama":
+        cfg.update(intermediate_size=o.dense_intermediate, attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    elif fam == "qwen2":
+        cfg.update(intermediate_size=o.dense_intermediate, use_sliding_window=False, sliding_window=None,
+                   max_window_layers=o.layers, layer_types=["full_attention"] * o.layers)
+    return dict(sorted(cfg.items()))
+
+
+# -- tensor plan ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One tensor of the checkpoint: its hub name, shape, initialiser and storage dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    init: str  # "normal" | "norm" | "bias" | "router" | "embed" | "correction_bias"
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def tensor_plan(o: MakeModelOptions) -> list[TensorPlan]:
+    """Every tensor of the checkpoint, in state-dict order."""
+    dt = o.torch_dtype
+    H, hd = o.hidden, o.head_dim
+    out: list[TensorPlan] = []
+
+    def add(name: str, shape: tuple[int, ...], init: str = "normal", dtype: torch.dtype = dt) -> None:
+        out.append(TensorPlan(name, tuple(int(s) for s in shape), init, dtype))
+
+    def mlp(prefix: str, inter: int, names=("gate_proj", "up_proj", "down_proj")) -> None:
+        g, u, d = names
+        add(f"{prefix}.{g}.weight", (inter, H))
+        add(f"{prefix}.{u}.weight", (inter, H))
+        add(f"{prefix}.{d}.weight", (H, inter))
+
+    add("model.embed_tokens.weight", (o.vocab, H), "embed")
+    n_dense = first_dense_layers(o)
+    for layer in range(o.layers):
+        p = f"model.layers.{layer}"
+        add(f"{p}.input_layernorm.weight", (H,), "norm")
+        a = f"{p}.self_attn"
+        if o.family.startswith("deepseek"):
+            m = _mla_dims(o)
+            qk = m["qk_nope_head_dim"] + m["qk_rope_head_dim"]
+            if m["q_lora_rank"]:
+                add(f"{a}.q_a_proj.weight", (m["q_lora_rank"], H))
+                add(f"{a}.q_a_layernorm.weight", (m["q_lora_rank"],), "norm")
+                add(f"{a}.q_b_proj.weight", (o.heads * qk, m["q_lora_rank"]))
+            else:
+                add(f"{a}.q_proj.weight", (o.heads * qk, H))
+            add(f"{a}.kv_a_proj_with_mqa.weight", (m["kv_lora_rank"] + m["qk_rope_head_dim"], H))
+            add(f"{a}.kv_a_layernorm.weight", (m["kv_lora_rank"],), "norm")
+            add(f"{a}.kv_b_proj.weight", (o.heads * (m["qk_nope_head_dim"] + m["v_head_dim"]), m["kv_lora_rank"]))
+            add(f"{a}.o_proj.weight", (H, o.heads * m["v_head_dim"]))
+        else:
+            qkv_bias = o.family in ("qwen2", "qwen2_moe")
+            for proj, n in (("q_proj", o.heads), ("k_proj", o.kv_heads), ("v_proj", o.kv_heads)):
+                add(f"{a}.{proj}.weight", (n * hd, H))
+                if qkv_bias:
+                    add(f"{a}.{proj}.bias", (n * hd,), "bias")
+            add(f"{a}.o_proj.weight", (H, o.heads * hd))
+            if o.family == "qwen3_moe":
+                add(f"{a}.q_norm.weight", (hd,), "norm")
+                add(f"{a}.k_norm.weight", (hd,), "norm")
+            elif o.family == "olmoe":
+                add(f"{a}.q_norm.weight", (o.heads * hd,), "norm")
+                add(f"{a}.k_norm.weight", (o.kv_heads * hd,), "norm")
+        add(f"{p}.post_attention_layernorm.weight", (H,), "norm")
+
+        if not o.is_moe or layer < n_dense:
+            mlp(f"{p}.mlp", o.dense_intermediate)
+        elif o.family == "mixtral":
+            b = f"{p}.block_sparse_moe"
+            add(f"{b}.gate.weight", (o.experts, H), "router")
+            for e in range(o.experts):
+                mlp(f"{b}.experts.{e}", o.intermediate, ("w1", "w3", "w2"))
+        else:
+            b = f"{p}.mlp"
+            add(f"{b}.gate.weight", (o.experts, H), "router")
+            if o.family == "deepseek_v3":
+                add(f"{b}.gate.e_score_correction_bias", (o.experts,), "correction_bias", torch.float32)
+            for e in range(o.experts):
+                mlp(f"{b}.experts.{e}", o.intermediate)
+            if o.family == "qwen2_moe":
+                mlp(f"{b}.shared_expert", o.dense_intermediate)
+                add(f"{b}.shared_expert_gate.weight", (1, H))
+            elif o.family.startswith("deepseek"):
+                mlp(f"{b}.shared_experts", o.intermediate * 1)
+    add("model.norm.weight", (H,), "norm")
+    add("lm_head.weight", (o.vocab, H))
+    return out
+
+
+# -- random values ----------------------------------------------------------------------
+
+def _generator(seed: int, key: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{int(seed)}/{key}".encode()).digest()
+    g = torch.Generator()
+    g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return g
+
+
+def _randn(shape: tuple[int, ...], g: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(shape, generator=g, dtype=dtype)
+
+
+def _skew_direction(o: MakeModelOptions) -> torch.Tensor:
+    u = torch.randn(o.hidden, generator=_generator(o.seed, "skew/direction"), dtype=torch.float32)
+    return u / u.norm()
+
+
+def _router(t: TensorPlan, o: MakeModelOptions, g: torch.Generator) -> torch.Tensor:
+    w = torch.randn(t.shape, generator=g, dtype=torch.float32)
+    if o.skew > 0:
+        u = _skew_direction(o)
+        w -= torch.outer(w @ u, u)
+    w /= w.norm(dim=1, keepdim=True)  # unit rows: equal norms, logits O(1) on RMS-normalised inputs
+    if o.skew > 0:
+        ranks = torch.arange(t.shape[0], dtype=torch.float32)
+        bias = -o.skew * SKEW_GAIN * torch.log1p(ranks) / math.sqrt(o.hidden)
+        w += torch.outer(bias, _skew_direction(o))
+    return w.to(t.dtype)
+
+
+def init_tensor(t: TensorPlan, o: MakeModelOptions) -> torch.Tensor:
+    """The (deterministic) random values of one planned tensor."""
+    g = _generator(o.seed, t.name)
+    if t.init == "router":
+        return _router(t, o, g)
+    if t.init == "correction_bias":
+        return _randn(t.shape, g, t.dtype).mul_(0.01)
+    if t.init == "norm":
+        return _randn(t.shape, g, t.dtype).mul_(INIT_STD).add_(1.0)
+    x = _randn(t.shape, g, t.dtype).mul_(INIT_STD)
+    if t.init == "embed" and o.skew > 0:
+        u = _skew_direction(o).to(t.dtype)
+        x.add_(u, alpha=INIT_STD * math.sqrt(o.hidden))
+    return x
+
+
+# -- writing ----------------------------------------------------------------------------
+
+_WEIGHT_FILE_RE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$|^model\.safetensors\.index\.json$")
+
+
+def _shards(plan: list[TensorPlan], max_bytes: int | None) -> list[list[TensorPlan]]:
+    if not max_bytes:
+        return [plan]
+    shards: list[list[TensorPlan]] = [[]]
+    size = 0
+    for t in plan:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def make_model(opts: MakeModelOptions, out_dir: str | Path, *,
+               progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write a random checkpoint for ``opts`` into ``out_dir`` (created) and return its path.
+
+    ``progress(bytes_written, total_bytes)`` is called after each weight file when given.
+    Weight files of an earlier run in ``out_dir`` (``model*.safetensors``, the index) are
+    removed first so a re-run with other sharding leaves no stale shards.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in out.iterdir():
+        if f.is_file() and _WEIGHT_FILE_RE.match(f.name):
+            f.unlink()
+
+    config = build_config(opts)
+    _write_json(out / "config.json", config)
+    _write_json(out / "generation_config.json", {
+        "_from_model_config": True, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
+        "transformers_version": TRANSFORMERS_LAYOUT_VERSION,
+    })
+    save_tokenizer_files(build_tokenizer(opts.vocab), out, model_max_length=opts.max_position_embeddings)
+
+    plan = tensor_plan(opts)
+    total = sum(t.nbytes for t in plan)
+    shards = _shards(plan, opts.max_shard_bytes)
+    n = len(shards)
+    weight_map: dict[str, str] = {}
+    written = 0
+    for i, shard in enumerate(shards, 1):
+        fname = "model.safetensors" if opts.max_shard_bytes is None else f"model-{i:05d}-of-{n:05d}.safetensors"
+        tensors = {t.name: init_tensor(t, opts) for t in shard}
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        del tensors
+        for t in shard:
+            weight_map[t.name] = fname
+        written += sum(t.nbytes for t in shard)
+        if progress is not None:
+            progress(written, total)
+    if opts.max_shard_bytes is not None:
+        n_params = sum(math.prod(t.shape) for t in plan)
+        _write_json(out / "model.safetensors.index.json", {
+            "metadata": {"total_size": total, "total_parameters": n_params},
+            "weight_map": dict(sorted(weight_map.items())),
+        })
+    return out
+
+
+# -- command line -----------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``make-model`` options (shared with ``moeyard make-model``)."""
+    d = MakeModelOptions(family="mixtral")
+    p.add_argument("out_dir", help="checkpoint directory to write")
+    p.add_argument("--family", required=True, choices=SUPPORTED_FAMILIES)
+    for name in ("layers", "hidden", "intermediate", "experts", "top_k", "heads", "kv_heads", "vocab",
+                 "max_position_embeddings", "seed"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    p.add_argument("--dtype", choices=tuple(_DTYPES), default=d.dtype)
+    p.add_argument("--skew", type=float, default=d.skew, help="Zipf exponent of the expert load (0 = uniform)")
+    p.add_argument("--max-shard-bytes", type=int, default=None, help="write sharded files of at most this size")
+
+
+def options_from_args(args: argparse.Namespace) -> MakeModelOptions:
+    fields = asdict(MakeModelOptions(family="mixtral")).keys()
+    return MakeModelOptions(**{k: getattr(args, k) for k in fields})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="moeyard make-model", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        opts = options_from_args(args)
+    except ValueError as e:
+        p.error(str(e))
+    t0 = time.perf_counter()
+    tty = sys.stderr.isatty()
+
+    def progress(done: int, total: int) -> None:
+        if tty:
+            print(f"\rwriting weights {done / 2**20:9.1f} / {total / 2**20:.1f} MiB", end="", file=sys.stderr)
+
+    out = make_model(opts, args.out_dir, progress=progress)
+    if tty:
+        print(file=sys.stderr)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"wrote {opts.family} checkpoint to {os.fspath(out)} ({size / 2**20:.1f} MiB) "
+          f"in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

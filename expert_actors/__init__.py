@@ -1,0 +1,1 @@
+"""moeyard: expert_actors."""

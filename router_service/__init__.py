@@ -1,0 +1,1 @@
+"""moeyard: router_service."""

@@ -1,0 +1,37 @@
+"""The router of one attention replica: gate, dispatch and combine per MoE layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from router_service.dispatch import ExpertDispatcher
+from router_service.gate import GateConfig, gate
+
+
+@dataclass
+class GateParams:
+    """Router weights of one MoE layer: ``weight [E, D]``, ``correction_bias [E]``."""
+
+    weight: torch.Tensor
+    correction_bias: torch.Tensor | None = None
+
+
+class MoERouter:
+    """Gates tokens and runs their routed experts through the dispatcher."""
+
+    def __init__(self, gate_cfg: GateConfig, gates: list[GateParams], dispatcher: ExpertDispatcher):
+        self.gate_cfg = gate_cfg
+        self.gates = gates
+        self.dispatcher = dispatcher
+
+    def route(self, moe_layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``hidden [T, D]`` -> ``(weights [T, A], ids [T, A])``."""
+        g = self.gates[moe_layer]
+        return gate(hidden, g.weight, self.gate_cfg, g.correction_bias)
+
+    def __call__(self, moe_layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Routed-expert output ``[T, D]`` for ``hidden [T, D]``."""
+        weights, ids = self.route(moe_layer, hidden)
+        return self.dispatcher(moe_layer, hidden, weights, ids)

@@ -1,0 +1,106 @@
+"""Placement of logical experts onto physical slots and shards.
+
+Vocabulary (see docs/architecture.md): ``phy2log [L, P]`` is the logical expert
+held by each physical slot; slots are numbered shard by shard, so slot ``p``
+lives on shard ``p // slots_per_shard``. ``log2phy [L, E, R]`` lists the slots
+holding each expert (``-1`` padded) and ``logcnt [L, E]`` counts them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Placement:
+    phy2log: torch.Tensor
+    """``[L, P]`` int64."""
+    num_shards: int
+    epoch: int = 0
+    log2phy: torch.Tensor = field(init=False, repr=False)
+    logcnt: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self):
+        p2l = self.phy2log
+        if p2l.dim() != 2:
+            raise ValueError(f"phy2log must be [L, P], got shape {list(p2l.shape)}")
+        num_layers, num_slots = p2l.shape
+        if self.num_shards < 1 or num_slots % self.num_shards:
+            raise ValueError(f"{num_slots} slots cannot be split evenly over {self.num_shards} shards")
+        p2l = p2l.to(torch.int64).contiguous()
+        object.__setattr__(self, "phy2log", p2l)
+        num_experts = int(p2l.max()) + 1 if p2l.numel() else 0
+        logcnt = torch.zeros(num_layers, num_experts, dtype=torch.int64)
+        logcnt.scatter_add_(1, p2l, torch.ones_like(p2l))
+        max_r = int(logcnt.max()) if logcnt.numel() else 1
+        log2phy = torch.full((num_layers, num_experts, max_r), -1, dtype=torch.int64)
+        # stable order: copies listed by ascending slot id
+        order = torch.argsort(p2l, dim=1, stable=True)
+        sorted_log = torch.gather(p2l, 1, order)
+        first = torch.cumsum(logcnt, dim=1) - logcnt
+        rank = torch.arange(num_slots).expand(num_layers, -1) - torch.gather(first, 1, sorted_log)
+        layer_idx = torch.arange(num_layers).unsqueeze(1).expand(-1, num_slots)
+        log2phy[layer_idx, sorted_log, rank] = order
+        object.__setattr__(self, "logcnt", logcnt)
+        object.__setattr__(self, "log2phy", log2phy)
+
+    @property
+    def num_layers(self) -> int:
+        return self.phy2log.shape[0]
+
+    @property
+    def num_slots(self) -> int:
+        return self.phy2log.shape[1]
+
+    @property
+    def slots_per_shard(self) -> int:
+        return self.num_slots // self.num_shards
+
+    @property
+    def num_experts(self) -> int:
+        return self.logcnt.shape[1]
+
+    def shard_of(self, slot: int) -> int:
+        return slot // self.slots_per_shard
+
+    def shard_slots(self, shard: int) -> dict[int, list[tuple[int, int]]]:
+        """MoE layer -> ``[(slot, logical expert)]`` held by ``shard``."""
+        lo, hi = shard * self.slots_per_shard, (shard + 1) * self.slots_per_shard
+        return {l: [(p, int(self.phy2log[l, p])) for p in range(lo, hi)] for l in range(self.num_layers)}
+
+    def validate(self, num_experts: int) -> None:
+        if self.num_experts != num_experts or bool((self.logcnt < 1).any()):
+            missing = (self.logcnt < 1).nonzero().tolist() if self.num_experts == num_experts else "some"
+            raise ValueError(f"placement must hold every one of {num_experts} experts at least once; "
+                             f"missing (layer, expert): {missing}")
+
+    def choose_slots(self, moe_layer: int, ids: torch.Tensor) -> torch.Tensor:
+        """Pick a physical slot for every ``(token, k)`` assignment.
+
+        ``ids [T, A]`` logical experts -> ``[T, A]`` slots. Copies are chosen
+        round-robin by token index, so hot experts spread over their copies and
+        the choice is deterministic for a given batch.
+        """
+        cnt = self.logcnt[moe_layer][ids]
+        tok = torch.arange(ids.shape[0]).unsqueeze(1).expand_as(ids)
+        return self.log2phy[moe_layer][ids, tok % cnt]
+
+
+def round_robin_placement(num_layers: int, num_experts: int, num_shards: int,
+                          slots_per_shard: int | None = None, epoch: int = 0) -> Placement:
+    """Static placement: slot ``p`` holds expert ``p % E``.
+
+    Experts fill the shards in order; redundant slots (when ``num_shards *
+    slots_per_shard > E``) hold copies of experts ``0, 1, ...``, which then sit
+    on later shards than their first copy.
+    """
+    if slots_per_shard is None:
+        slots_per_shard = -(-num_experts // num_shards)
+    total = slots_per_shard * num_shards
+    if total < num_experts:
+        raise ValueError(f"{num_shards} shards x {slots_per_shard} slots = {total} slots "
+                         f"cannot hold {num_experts} experts")
+    row = torch.arange(total, dtype=torch.int64) % num_experts
+    return Placement(row.unsqueeze(0).repeat(num_layers, 1), num_shards, epoch)
