@@ -98,7 +98,8 @@ class LLMEngine:
                                                    self.max_model_len), self.blocks)
         router = None
         if spec.moe is not None:
-            gate_cfg = GateConfig.from_spec(spec.moe, config.top_k_override, config.capacity_factor)
+            gate_cfg = GateConfig.from_spec(spec.moe, config.top_k_override, config.capacity_factor,
+                                           family=spec.family)
             gates = [GateParams(lw.moe.router, lw.moe.correction_bias)
                      for lw in weights.layers if lw.moe is not None]
             self.placement = placement or round_robin_placement(spec.num_moe_layers, spec.moe.num_experts, 1)

@@ -62,15 +62,17 @@ import hashlib
 import json
 import math
 import os
+import queue
 import re
+import struct
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 
 from cluster.spec import SUPPORTED_FAMILIES
 from cluster.tokenizer_builder import BOS_ID, EOS_ID, MIN_VOCAB_SIZE, build_tokenizer, save_tokenizer_files
@@ -289,8 +291,12 @@ class TensorPlan:
     dtype: torch.dtype
 
     @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.itemsize
 
 
 def tensor_plan(o: MakeModelOptions) -> list[TensorPlan]:
@@ -375,10 +381,6 @@ def _generator(seed: int, key: str) -> torch.Generator:
     return g
 
 
-def _randn(shape: tuple[int, ...], g: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    return torch.randn(shape, generator=g, dtype=dtype)
-
-
 def _skew_direction(o: MakeModelOptions) -> torch.Tensor:
     u = torch.randn(o.hidden, generator=_generator(o.seed, "skew/direction"), dtype=torch.float32)
     return u / u.norm()
@@ -394,28 +396,33 @@ def _router(t: TensorPlan, o: MakeModelOptions, g: torch.Generator) -> torch.Ten
         ranks = torch.arange(t.shape[0], dtype=torch.float32)
         bias = -o.skew * SKEW_GAIN * torch.log1p(ranks) / math.sqrt(o.hidden)
         w += torch.outer(bias, _skew_direction(o))
-    return w.to(t.dtype)
+    return w
+
+
+def fill_tensor(t: TensorPlan, o: MakeModelOptions, out: torch.Tensor) -> torch.Tensor:
+    """Write the deterministic random values of planned tensor ``t`` into ``out`` (shape/dtype of ``t``)."""
+    g = _generator(o.seed, t.name)
+    if t.init == "router":
+        return out.copy_(_router(t, o, g))
+    if t.init == "correction_bias":
+        return out.normal_(0.0, 0.01, generator=g)
+    if t.init == "norm":
+        return out.normal_(1.0, INIT_STD, generator=g)
+    out.normal_(0.0, INIT_STD, generator=g)
+    if t.init == "embed" and o.skew > 0:
+        out.add_(_skew_direction(o).to(out.dtype), alpha=INIT_STD * math.sqrt(o.hidden))
+    return out
 
 
 def init_tensor(t: TensorPlan, o: MakeModelOptions) -> torch.Tensor:
-    """The (deterministic) random values of one planned tensor."""
-    g = _generator(o.seed, t.name)
-    if t.init == "router":
-        return _router(t, o, g)
-    if t.init == "correction_bias":
-        return _randn(t.shape, g, t.dtype).mul_(0.01)
-    if t.init == "norm":
-        return _randn(t.shape, g, t.dtype).mul_(INIT_STD).add_(1.0)
-    x = _randn(t.shape, g, t.dtype).mul_(INIT_STD)
-    if t.init == "embed" and o.skew > 0:
-        u = _skew_direction(o).to(t.dtype)
-        x.add_(u, alpha=INIT_STD * math.sqrt(o.hidden))
-    return x
+    """The deterministic random values of one planned tensor, as a new tensor."""
+    return fill_tensor(t, o, torch.empty(t.shape, dtype=t.dtype))
 
 
 # -- writing ----------------------------------------------------------------------------
 
 _WEIGHT_FILE_RE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$|^model\.safetensors\.index\.json$")
+_ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16"}
 
 
 def _shards(plan: list[TensorPlan], max_bytes: int | None) -> list[list[TensorPlan]]:
@@ -430,6 +437,65 @@ def _shards(plan: list[TensorPlan], max_bytes: int | None) -> list[list[TensorPl
         shards[-1].append(t)
         size += t.nbytes
     return shards
+
+
+def _write_safetensors(path: Path, tensors: list[TensorPlan], o: MakeModelOptions,
+                       on_tensor: Callable[[int], None] | None = None) -> None:
+    """Stream ``tensors`` into one ``.safetensors`` file.
+
+    The header is known from the plan, so the file is written tensor by tensor: each
+    tensor is generated into one of two reused buffers while a writer thread writes
+    the other (``torch`` ops and file writes release the GIL), so memory stays at two
+    tensors and generation overlaps I/O. The layout is the one
+    ``safetensors.torch.save_file`` produces: ``u64`` header length, JSON header with
+    ``__metadata__ = {"format": "pt"}`` padded with spaces to 8 bytes, then the data,
+    wider dtypes first so every tensor is aligned to its element size.
+    """
+    items = sorted(tensors, key=lambda t: -t.itemsize)  # stable: plan order within a dtype
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in items:
+        header[t.name] = {"dtype": _ST_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    hbytes = json.dumps(header, separators=(",", ":")).encode()
+    hbytes += b" " * (-len(hbytes) % 8)
+    biggest = max((t.nbytes for t in items), default=0)
+    free: queue.Queue = queue.Queue()
+    for _ in range(2):
+        free.put(torch.empty(biggest, dtype=torch.uint8))
+    todo: queue.Queue = queue.Queue(maxsize=1)
+    errors: list[BaseException] = []
+
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hbytes)))
+        f.write(hbytes)
+
+        def writer() -> None:
+            while (item := todo.get()) is not None:
+                buf, n = item
+                try:
+                    if not errors:
+                        f.write(memoryview(buf.numpy())[:n])
+                except BaseException as e:  # noqa: BLE001 - reported by the main thread
+                    errors.append(e)
+                free.put(buf)
+
+        thread = threading.Thread(target=writer, name="make-model-writer", daemon=True)
+        thread.start()
+        try:
+            for t in items:
+                buf = free.get()
+                if errors:
+                    break
+                fill_tensor(t, o, buf[:t.nbytes].view(t.dtype).view(t.shape))
+                todo.put((buf, t.nbytes))
+                if on_tensor is not None:
+                    on_tensor(t.nbytes)
+        finally:
+            todo.put(None)
+            thread.join()
+    if errors:
+        raise errors[0]
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -466,14 +532,16 @@ def make_model(opts: MakeModelOptions, out_dir: str | Path, *,
     written = 0
     for i, shard in enumerate(shards, 1):
         fname = "model.safetensors" if opts.max_shard_bytes is None else f"model-{i:05d}-of-{n:05d}.safetensors"
-        tensors = {t.name: init_tensor(t, opts) for t in shard}
-        save_file(tensors, str(out / fname), metadata={"format": "pt"})
-        del tensors
+
+        def on_tensor(n: int) -> None:
+            nonlocal written
+            written += n
+            if progress is not None:
+                progress(written, total)
+
+        _write_safetensors(out / fname, shard, opts, on_tensor)
         for t in shard:
             weight_map[t.name] = fname
-        written += sum(t.nbytes for t in shard)
-        if progress is not None:
-            progress(written, total)
     if opts.max_shard_bytes is not None:
         n_params = sum(math.prod(t.shape) for t in plan)
         _write_json(out / "model.safetensors.index.json", {

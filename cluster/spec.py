@@ -84,7 +84,7 @@ class MoESpec:
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
     router_logits_fp32: bool = False
-    """DeepSeek-V3 computes the router matmul in fp32; the others in the model dtype."""
+    """DeepSeek-V2/V3 compute the router matmul in fp32; the others in the model dtype."""
     has_correction_bias: bool = False
     shared_intermediate_size: int = 0
     shared_expert_gated: bool = False
@@ -295,10 +295,11 @@ def spec_from_config(cfg: dict) -> ModelSpec:
         moe = MoESpec(num_experts=n_exp, top_k=int(_req(cfg, "num_experts_per_tok")),
                       intermediate_size=moe_inter,
                       scoring="sigmoid" if v3 else "softmax",
-                      norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+                      # transformers' DeepSeek-V2 router never renormalises (released V2 configs say false)
+                      norm_topk_prob=bool(cfg.get("norm_topk_prob", False)) if v3 else False,
                       topk_method=method, n_group=n_group, topk_group=topk_group,
                       routed_scaling_factor=float(_opt(cfg, "routed_scaling_factor", 1.0)),
-                      router_logits_fp32=v3, has_correction_bias=v3,
+                      router_logits_fp32=True, has_correction_bias=v3,
                       shared_intermediate_size=moe_inter * int(_opt(cfg, "n_shared_experts", 0)))
         moe_layers = tuple(i for i in range(first_dense, n_layers) if (i - first_dense) % freq == 0) if n_exp else ()
         extra["mla"] = MLASpec(q_lora_rank=cfg.get("q_lora_rank"), kv_lora_rank=int(_req(cfg, "kv_lora_rank")),

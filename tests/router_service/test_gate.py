@@ -144,7 +144,6 @@ def test_deepseek_v3_bias_only_chooses():
     raw = torch.sigmoid(logits).gather(1, ids)
     torch.testing.assert_close(w, 2.5 * raw / raw.sum(-1, keepdim=True), atol=1e-6, rtol=0)
     # chosen experts come from at most topk_group groups
-    assert ((ids // 4).sort(-1)[0].unique_consecutive(dim=-1) if False else True)
     for row in (ids // cfg.experts_per_group):
         assert len(set(row.tolist())) <= cfg.topk_group
 

@@ -1,0 +1,39 @@
+"""The bench model and workload every benchmark uses (docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+BENCH_MODEL_ARGS = dict(family="mixtral", hidden=1024, intermediate=2816, layers=4, experts=8, top_k=2,
+                        heads=16, kv_heads=4, vocab=32000, seed=0, dtype="bfloat16")
+DEFAULT_BENCH_DIR = Path.home() / ".moeyard" / "models" / "bench-mixtral"
+
+
+def ensure_bench_model(path: Path = DEFAULT_BENCH_DIR) -> Path:
+    """Write the bench model once (``make-model`` with BENCH_MODEL_ARGS)."""
+    from cluster.make_model import MakeModelOptions, make_model
+
+    if not (path / "config.json").is_file():
+        make_model(MakeModelOptions(**BENCH_MODEL_ARGS), path)
+    return path
+
+
+def workload(n_prompts: int = 32, prompt_len: int = 64, vocab: int = 32000, seed: int = 1234) -> list[list[int]]:
+    """``n_prompts`` prompts of ``prompt_len`` random token ids (seed 1234)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n_prompts, prompt_len), generator=g).tolist()
+
+
+def timed(fn, repeats: int) -> tuple[float, list[float]]:
+    """Median wall seconds of ``fn()`` over ``repeats`` runs (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times

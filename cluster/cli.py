@@ -1,0 +1,148 @@
+"""The ``moeyard`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import uuid
+from pathlib import Path
+
+DEFAULT_DEMO_DIR = Path.home() / ".moeyard" / "models" / "demo-mixtral"
+
+
+def _csv_ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_make_model(sub) -> None:
+    from cluster.spec import SUPPORTED_FAMILIES
+
+    p = sub.add_parser("make-model", help="write a small random checkpoint (hub layout + tokenizer)")
+    p.add_argument("--family", required=True, choices=SUPPORTED_FAMILIES)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--intermediate", type=int, default=128)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--skew", type=float, default=0.0,
+                   help="Zipf-like exponent biasing router weights so low-numbered experts are hot (0 = uniform)")
+    p.add_argument("--max-shard-bytes", type=int, default=None, help="write a sharded checkpoint with an index")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_model)
+
+
+def cmd_make_model(args) -> int:
+    from cluster.make_model import MakeModelOptions, make_model
+
+    opts = MakeModelOptions(family=args.family, layers=args.layers, hidden=args.hidden,
+                            intermediate=args.intermediate, experts=args.experts, top_k=args.top_k,
+                            heads=args.heads, kv_heads=args.kv_heads, vocab=args.vocab, dtype=args.dtype,
+                            seed=args.seed, skew=args.skew, max_shard_bytes=args.max_shard_bytes)
+    out = make_model(opts, args.out)
+    print(f"wrote {opts.family} checkpoint to {out}")
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text in-process (--model) or through a cluster (--addr)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--model", type=Path, help="checkpoint directory (runs the in-process engine)")
+    where.add_argument("--addr", help="HOST:PORT of a running cluster's API")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
+    prompt.add_argument("--token-ids", type=_csv_ints, help="prompt as comma-separated token ids")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop-token-ids", type=_csv_ints, default=[])
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="compute dtype (default: the checkpoint's torch_dtype)")
+    p.add_argument("--token", help="API token for --addr (else MOEYARD_API_TOKEN, else ~/.moeyard/token)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> int:
+    from attention.engine import EngineConfig, LLMEngine
+    from attention.sequence import RequestError, SamplingParams
+    from attention.tokenizer import require_tokenizer
+
+    if args.addr:
+        print("error: --addr needs the cluster API, which this version does not include yet; use --model",
+              file=sys.stderr)
+        return 2
+    model = args.model or DEFAULT_DEMO_DIR
+    if not (Path(model) / "config.json").is_file():
+        print(f"error: {model} is not a checkpoint directory (no config.json); "
+              "make one with `moeyard make-model`", file=sys.stderr)
+        return 2
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop_token_ids=tuple(args.stop_token_ids),
+                            stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+    engine = LLMEngine(model, EngineConfig(dtype=args.dtype, max_num_seqs=1))
+    try:
+        if args.prompt is not None:
+            ids = require_tokenizer(engine.tokenizer).encode(args.prompt)
+        else:
+            ids = args.token_ids
+        rid = uuid.uuid4().hex[:16]
+        engine.add_request(rid, ids, params)
+    except RequestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out_ids: list[int] = []
+    reason = None
+    while engine.has_unfinished():
+        for o in engine.step():
+            out_ids.extend(o.new_token_ids)
+            if o.finished:
+                reason = o.finish_reason
+    text = engine.tokenizer.decode(out_ids) if engine.tokenizer else None
+    if text is not None and args.stop:
+        cut = min((text.find(s) for s in args.stop if s in text), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+    if args.json:
+        print(json.dumps({"request_id": rid, "token_ids": out_ids, "text": text, "finish_reason": reason,
+                          "usage": {"prompt_tokens": len(ids), "completion_tokens": len(out_ids)}}))
+    else:
+        print(text if text is not None else " ".join(map(str, out_ids)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeyard", description="Expert-parallel MoE serving")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_make_model(sub)
+    _add_generate(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
