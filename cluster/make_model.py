@@ -506,7 +506,7 @@ def make_model(opts: MakeModelOptions, out_dir: str | Path, *,
                progress: Callable[[int, int], None] | None = None) -> Path:
     """Write a random checkpoint for ``opts`` into ``out_dir`` (created) and return its path.
 
-    ``progress(bytes_written, total_bytes)`` is called after each weight file when given.
+    ``progress(bytes_written, total_bytes)`` is called after each tensor when given.
     Weight files of an earlier run in ``out_dir`` (``model*.safetensors``, the index) are
     removed first so a re-run with other sharding leaves no stale shards.
     """
@@ -530,15 +530,15 @@ def make_model(opts: MakeModelOptions, out_dir: str | Path, *,
     n = len(shards)
     weight_map: dict[str, str] = {}
     written = 0
+
+    def on_tensor(nbytes: int) -> None:
+        nonlocal written
+        written += nbytes
+        if progress is not None:
+            progress(written, total)
+
     for i, shard in enumerate(shards, 1):
         fname = "model.safetensors" if opts.max_shard_bytes is None else f"model-{i:05d}-of-{n:05d}.safetensors"
-
-        def on_tensor(n: int) -> None:
-            nonlocal written
-            written += n
-            if progress is not None:
-                progress(written, total)
-
         _write_safetensors(out / fname, shard, opts, on_tensor)
         for t in shard:
             weight_map[t.name] = fname

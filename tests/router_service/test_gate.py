@@ -152,9 +152,8 @@ def test_deepseek_v2_norm_topk_prob_ignored_like_transformers():
     config, router = _dsv2("group_limited_greedy", norm=True)
     _init(router, 5)
     spec = spec_from_config(config.to_dict())
-    assert spec.moe.norm_topk_prob
-    with pytest.warns(UserWarning, match="ignores norm_topk_prob"):
-        cfg = GateConfig.from_spec(spec.moe, family="deepseek_v2")
+    assert config.norm_topk_prob and not spec.moe.norm_topk_prob  # the spec applies the quirk
+    cfg = GateConfig.from_spec(spec.moe, family="deepseek_v2")
     x = _tokens(6)
     with torch.no_grad():
         _, ref_w, ref_ids = router(x)
