@@ -68,14 +68,31 @@ class AttnMeta:
         return AttnMeta(positions, slot_mapping, tok_idx, valid_q, cache_slots, mask.unsqueeze(1))
 
 
+_SMALL_Q = 8
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, scale: float) -> torch.Tensor:
-    """``q [T, H, dq]``, ``k [B, C, KV, dq]``, ``v [B, C, KV, dv]`` -> ``[T, H*dv]``."""
-    qp = q[meta.tok_idx].transpose(1, 2)           # [B, H, Q, dq]
-    kp = k.transpose(1, 2)                          # [B, KV, C, dq]
-    vp = v.transpose(1, 2)
-    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=meta.mask, scale=scale,
-                                         enable_gqa=kp.shape[1] != qp.shape[1])
-    out = out.transpose(1, 2)                       # [B, Q, H, dv]
+    """``q [T, H, dq]``, ``k [B, C, KV, dq]``, ``v [B, C, KV, dv]`` -> ``[T, H*dv]``.
+
+    Decode-heavy steps (at most ``_SMALL_Q`` queries per sequence) use plain
+    matmuls with the query heads of a KV group folded into rows (no K/V
+    repetition, softmax in fp32); longer queries use torch's fused SDPA.
+    """
+    qp = q[meta.tok_idx]                             # [B, Q, H, dq]
+    b, qn, h, dq = qp.shape
+    kv, dv = k.shape[2], v.shape[-1]
+    if qn <= _SMALL_Q:
+        g = h // kv
+        qg = qp.view(b, qn, kv, g, dq).permute(0, 2, 1, 3, 4).reshape(b, kv, qn * g, dq)
+        scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale       # [B, KV, Q*G, C]
+        mask = meta.mask.view(b, 1, qn, 1, -1).expand(b, 1, qn, g, -1).reshape(b, 1, qn * g, -1)
+        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(v.dtype)
+        out = torch.matmul(probs, v.permute(0, 2, 1, 3))                        # [B, KV, Q*G, dv]
+        out = out.view(b, kv, qn, g, dv).permute(0, 2, 1, 3, 4).reshape(b, qn, h, dv)
+    else:
+        out = F.scaled_dot_product_attention(qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=meta.mask, scale=scale, enable_gqa=kv != h)
+        out = out.transpose(1, 2)                      # [B, Q, H, dv]
     return out[meta.valid_q].reshape(q.shape[0], -1)
 
 

@@ -51,8 +51,10 @@ def inv_freq_and_scale(rope: RopeSpec, dim: int, max_position_embeddings: int) -
         def corr_dim(rot: float) -> float:
             return (dim * math.log(old / (rot * 2 * math.pi))) / (2 * math.log(base))
 
-        low = max(math.floor(corr_dim(rope.beta_fast)), 0)
-        high = min(math.ceil(corr_dim(rope.beta_slow)), dim - 1)
+        low, high = corr_dim(rope.beta_fast), corr_dim(rope.beta_slow)
+        if rope.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
         if low == high:
             high += 0.001
         ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)

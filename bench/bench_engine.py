@@ -3,9 +3,11 @@
     .venv/bin/python -m bench.bench_engine [--repeats 3] [--batches 1,32]
 
 Both run the same prompts (32 x 64 random ids, seed 1234), 64 new greedy tokens,
-EOS ignored, bf16, with the same thread count. Throughput is generated tokens
-per wall second of the whole generation (prefill included). Batch 1 runs the
-first ``--batch1-prompts`` prompts one after another.
+EOS ignored, bf16, with the same thread count. Two figures per system:
+end-to-end throughput (generated tokens per wall second, prefill included) and
+decode throughput: ``B * (N - 1) / (t(N new tokens) - t(1 new token))``, the
+same subtraction for both systems, so prefill cost cancels. Batch 1 runs the
+first ``--batch1-prompts`` prompts one after another. Medians of ``--repeats``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ def main(argv: list[str] | None = None) -> int:
     prompts = workload()
     engine = LLMEngine(path, EngineConfig(dtype="bfloat16", max_num_seqs=64, kv_cache_bytes=1 << 30))
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-    params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
     results = []
     for b in [int(x) for x in args.batches.split(",")]:
         if b == 1:
@@ -46,23 +47,30 @@ def main(argv: list[str] | None = None) -> int:
             groups = [prompts[i:i + b] for i in range(0, len(prompts), b)][:1]
         n_tokens = sum(len(g) for g in groups) * args.new_tokens
 
-        def run_engine():
+        def run_engine(n_new):
+            p = SamplingParams(max_tokens=n_new, ignore_eos=True)
             for g in groups:
-                engine.generate(g, params)
+                engine.generate(g, p)
 
-        def run_hf():
+        def run_hf(n_new):
             for g in groups:
                 with torch.no_grad():
-                    hf.generate(torch.tensor(g), max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                    hf.generate(torch.tensor(g), max_new_tokens=n_new, min_new_tokens=n_new,
                                 do_sample=False, pad_token_id=0)
 
-        t_eng, _ = timed(run_engine, args.repeats)
-        t_hf, _ = timed(run_hf, args.repeats)
-        row = {"batch": b, "engine_tok_s": n_tokens / t_eng, "transformers_tok_s": n_tokens / t_hf,
-               "ratio": t_hf / t_eng}
+        row = {"batch": b}
+        for name, fn in (("engine", run_engine), ("transformers", run_hf)):
+            t_full, _ = timed(lambda: fn(args.new_tokens), args.repeats)
+            t_one, _ = timed(lambda: fn(1), args.repeats)
+            row[f"{name}_tok_s"] = n_tokens / t_full
+            row[f"{name}_decode_tok_s"] = n_tokens * (args.new_tokens - 1) / args.new_tokens / (t_full - t_one)
+        row["ratio"] = row["engine_tok_s"] / row["transformers_tok_s"]
+        row["decode_ratio"] = row["engine_decode_tok_s"] / row["transformers_decode_tok_s"]
         results.append(row)
-        print(f"batch {b:3d}: engine {row['engine_tok_s']:8.1f} tok/s   transformers "
-              f"{row['transformers_tok_s']:8.1f} tok/s   ratio {row['ratio']:.2f}x", flush=True)
+        print(f"batch {b:3d}: end-to-end engine {row['engine_tok_s']:7.1f} tok/s, transformers "
+              f"{row['transformers_tok_s']:7.1f} tok/s ({row['ratio']:.2f}x) | decode engine "
+              f"{row['engine_decode_tok_s']:7.1f} tok/s, transformers {row['transformers_decode_tok_s']:7.1f} "
+              f"tok/s ({row['decode_ratio']:.2f}x)", flush=True)
     print(json.dumps({"threads": args.threads, "repeats": args.repeats, "results": results}))
     return 0
 

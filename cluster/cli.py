@@ -20,37 +20,11 @@ def _csv_ints(text: str) -> list[int]:
 
 
 def _add_make_model(sub) -> None:
-    from cluster.spec import SUPPORTED_FAMILIES
+    from cluster import make_model
 
     p = sub.add_parser("make-model", help="write a small random checkpoint (hub layout + tokenizer)")
-    p.add_argument("--family", required=True, choices=SUPPORTED_FAMILIES)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--intermediate", type=int, default=128)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=512)
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--skew", type=float, default=0.0,
-                   help="Zipf-like exponent biasing router weights so low-numbered experts are hot (0 = uniform)")
-    p.add_argument("--max-shard-bytes", type=int, default=None, help="write a sharded checkpoint with an index")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_make_model)
-
-
-def cmd_make_model(args) -> int:
-    from cluster.make_model import MakeModelOptions, make_model
-
-    opts = MakeModelOptions(family=args.family, layers=args.layers, hidden=args.hidden,
-                            intermediate=args.intermediate, experts=args.experts, top_k=args.top_k,
-                            heads=args.heads, kv_heads=args.kv_heads, vocab=args.vocab, dtype=args.dtype,
-                            seed=args.seed, skew=args.skew, max_shard_bytes=args.max_shard_bytes)
-    out = make_model(opts, args.out)
-    print(f"wrote {opts.family} checkpoint to {out}")
-    return 0
+    make_model.add_arguments(p)
+    p.set_defaults(func=make_model.run)
 
 
 def _add_generate(sub) -> None:

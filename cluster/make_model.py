@@ -33,31 +33,47 @@ its name and its shape (not on sharding or on the other tensors). Values are
 drawn directly in the target dtype: linear weights and embeddings
 ``N(0, 0.02)``, attention biases ``N(0, 0.02)``, norm weights ``1 + N(0, 0.02)``,
 DeepSeek-V3 ``e_score_correction_bias`` ``N(0, 0.01)`` (stored in float32, as
-DeepSeek ships it). Router rows are random directions of norm 1 (element std
-``1/sqrt(hidden)``, so router logits on RMS-normalised hidden states are of order
-1) and all of equal norm, so that with ``skew=0`` no expert is favoured.
+DeepSeek ships it). With ``skew=0`` router rows are random directions of norm 1
+(element std ``1/sqrt(hidden)``, so router logits on RMS-normalised hidden states
+are of order 1), all of equal norm so that no expert is favoured by chance.
 
 Skew (load imbalance for load-balancing demos), ``skew > 0``: a bias-free linear
 router ``W h`` is odd in ``h``, so on hidden states symmetric around 0 no expert
 can be favoured (for top-k <= E/2 every expert is picked for at most half of the
-tokens, i.e. max/mean load <= E/(2k)). The skew therefore plants a common
-direction in the residual stream and makes the routers read it:
+tokens: max/mean load <= E/(2k)), and a bias planted in the router alone is drowned
+by whatever the attention/MLP blocks add to the residual stream (that depends on
+width and depth). So the skew reserves a protected *routing subspace* of the
+hidden space: an orthonormal basis ``[u, S]`` (``u`` one direction, ``S`` with
+``k = min(experts, hidden // 4)`` directions, from the seed), and
 
-1. a unit vector ``u`` (from the seed) is added to every token embedding with
-   the same norm as the random part (``0.02 * sqrt(hidden)``), so every token's
-   hidden state, and after RMSNorm its router input ``n``, carries a positive
-   component ``u . n ~ f * sqrt(hidden)`` (``f`` ~ 0.5 .. 0.7);
-2. router row ``e`` is made orthogonal to ``u`` and then gets
-   ``-skew * SKEW_GAIN * ln(e + 1) / sqrt(hidden) * u`` added, so expert ``e``'s
-   logit carries the bias ``~ -skew * ln(e + 1)`` (times ``f * SKEW_GAIN``):
-   routing probabilities are tilted by a Zipf factor ``(e + 1) ** -skew`` and
-   low-numbered experts get most tokens. With ``skew=1.2``, top-2 of 8 experts,
-   expert 0 receives well over twice the mean load.
+1. every block's input projections ("readers": q/k/v, MLA ``q_a``/``q``/``kv_a``,
+   gate/up of dense MLPs, experts and shared experts, Qwen2-MoE
+   ``shared_expert_gate``) are projected orthogonal to ``[u, S]``, and every
+   output projection ("writers": ``o_proj``, ``down_proj``/``w2``) never writes into
+   it, so the residual stream keeps the embedding's ``[u, S]`` coordinates
+   unchanged through all layers;
+2. every embedding row gets its ``u``-coordinate set to ``c = 0.02 * sqrt(hidden)``
+   (the same norm as its random part); its ``S``-part (``N(0, 0.02)`` per
+   coordinate) is the token's routing noise ``z``;
+3. router row ``e`` is ``gamma * (r_e / 0.02 - skew * ln(e + 1) / c * u)`` with
+   ``r_e`` a random unit vector in ``S`` (``gamma = 0.02 * sqrt(2)`` keeps first-layer
+   logits O(1)).
+
+After the RMSNorm the router logit of expert ``e`` is a positive, token-dependent
+scale times ``N(0, 1) - skew * ln(e + 1)`` (``r_e . z / 0.02`` is standard normal),
+and top-k selection only depends on the order of the logits, so in every MoE layer,
+at any width and depth, each token picks the top-k of ``eps_e - skew * ln(e + 1)``
+with ``eps ~ N(0, 1)``: routing odds tilted by the Zipf factor ``(e + 1) ** -skew``.
+For 8 experts, top-2, ``skew=1.2`` expert 0 receives about 3x the mean load and
+expert 7 about 0.15x; ``skew=0.6`` gives about 2x. (Routing then depends on the token
+id only, not on its context; the rest of the network never sees ``[u, S]``.)
+``skew > 0`` is refused for dense families.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -78,13 +94,10 @@ from cluster.spec import SUPPORTED_FAMILIES
 from cluster.tokenizer_builder import BOS_ID, EOS_ID, MIN_VOCAB_SIZE, build_tokenizer, save_tokenizer_files
 
 __all__ = ["MakeModelOptions", "make_model", "build_config", "tensor_plan", "TensorPlan", "main",
-           "SKEW_GAIN", "TRANSFORMERS_LAYOUT_VERSION"]
+           "routing_subspace_dims", "TRANSFORMERS_LAYOUT_VERSION"]
 
 TRANSFORMERS_LAYOUT_VERSION = "5.23.0"
 """The ``transformers`` release whose ``save_pretrained`` layout the writer reproduces."""
-
-SKEW_GAIN = 2.0
-"""Router bias per unit of ``skew * ln(e + 1)``, compensating ``f`` (see the module docstring)."""
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
@@ -107,6 +120,18 @@ INIT_STD = 0.02
 
 @dataclass(frozen=True)
 class MakeModelOptions:
+    """What to generate (validated on construction; ``ValueError`` says what is wrong).
+
+    ``family``: a ``model_type`` of :data:`cluster.spec.SUPPORTED_FAMILIES`.
+    ``intermediate``: routed-expert width; dense MLPs and the Qwen2-MoE shared expert are
+    ``2 * intermediate`` (see the module docstring). ``experts``/``top_k`` are ignored by
+    the dense families. DeepSeek uses ``num_key_value_heads = heads`` (MLA) whatever
+    ``kv_heads`` says. ``dtype``: ``"bfloat16"`` or ``"float32"``. ``skew``: Zipf exponent of
+    the expert load (0 = uniform; MoE families only). ``max_shard_bytes``: write
+    ``model-0000k-of-0000n.safetensors`` shards of at most this size (a single larger
+    tensor gets a shard of its own) plus ``model.safetensors.index.json``.
+    """
+
     family: str
     layers: int = 2
     hidden: int = 64
@@ -150,6 +175,8 @@ class MakeModelOptions:
                 bad("deepseek_v3 needs experts >= 2 (its group scores take the top-2 experts of a group)")
         if not (math.isfinite(self.skew) and self.skew >= 0):
             bad(f"skew must be a finite number >= 0, got {self.skew}")
+        if self.skew > 0 and self.family not in _MOE_FAMILIES:
+            bad(f"skew biases MoE routers; family {self.family!r} has none")
         if self.max_shard_bytes is not None and self.max_shard_bytes <= 0:
             bad(f"max_shard_bytes must be positive, got {self.max_shard_bytes}")
 
@@ -287,7 +314,7 @@ class TensorPlan:
 
     name: str
     shape: tuple[int, ...]
-    init: str  # "normal" | "norm" | "bias" | "router" | "embed" | "correction_bias"
+    init: str  # normal | reader | writer | norm | bias | router | embed | correction_bias
     dtype: torch.dtype
 
     @property
@@ -310,9 +337,9 @@ def tensor_plan(o: MakeModelOptions) -> list[TensorPlan]:
 
     def mlp(prefix: str, inter: int, names=("gate_proj", "up_proj", "down_proj")) -> None:
         g, u, d = names
-        add(f"{prefix}.{g}.weight", (inter, H))
-        add(f"{prefix}.{u}.weight", (inter, H))
-        add(f"{prefix}.{d}.weight", (H, inter))
+        add(f"{prefix}.{g}.weight", (inter, H), "reader")
+        add(f"{prefix}.{u}.weight", (inter, H), "reader")
+        add(f"{prefix}.{d}.weight", (H, inter), "writer")
 
     add("model.embed_tokens.weight", (o.vocab, H), "embed")
     n_dense = first_dense_layers(o)
@@ -324,22 +351,22 @@ def tensor_plan(o: MakeModelOptions) -> list[TensorPlan]:
             m = _mla_dims(o)
             qk = m["qk_nope_head_dim"] + m["qk_rope_head_dim"]
             if m["q_lora_rank"]:
-                add(f"{a}.q_a_proj.weight", (m["q_lora_rank"], H))
+                add(f"{a}.q_a_proj.weight", (m["q_lora_rank"], H), "reader")
                 add(f"{a}.q_a_layernorm.weight", (m["q_lora_rank"],), "norm")
                 add(f"{a}.q_b_proj.weight", (o.heads * qk, m["q_lora_rank"]))
             else:
-                add(f"{a}.q_proj.weight", (o.heads * qk, H))
-            add(f"{a}.kv_a_proj_with_mqa.weight", (m["kv_lora_rank"] + m["qk_rope_head_dim"], H))
+                add(f"{a}.q_proj.weight", (o.heads * qk, H), "reader")
+            add(f"{a}.kv_a_proj_with_mqa.weight", (m["kv_lora_rank"] + m["qk_rope_head_dim"], H), "reader")
             add(f"{a}.kv_a_layernorm.weight", (m["kv_lora_rank"],), "norm")
             add(f"{a}.kv_b_proj.weight", (o.heads * (m["qk_nope_head_dim"] + m["v_head_dim"]), m["kv_lora_rank"]))
-            add(f"{a}.o_proj.weight", (H, o.heads * m["v_head_dim"]))
+            add(f"{a}.o_proj.weight", (H, o.heads * m["v_head_dim"]), "writer")
         else:
             qkv_bias = o.family in ("qwen2", "qwen2_moe")
             for proj, n in (("q_proj", o.heads), ("k_proj", o.kv_heads), ("v_proj", o.kv_heads)):
-                add(f"{a}.{proj}.weight", (n * hd, H))
+                add(f"{a}.{proj}.weight", (n * hd, H), "reader")
                 if qkv_bias:
                     add(f"{a}.{proj}.bias", (n * hd,), "bias")
-            add(f"{a}.o_proj.weight", (H, o.heads * hd))
+            add(f"{a}.o_proj.weight", (H, o.heads * hd), "writer")
             if o.family == "qwen3_moe":
                 add(f"{a}.q_norm.weight", (hd,), "norm")
                 add(f"{a}.k_norm.weight", (hd,), "norm")
@@ -364,7 +391,7 @@ def tensor_plan(o: MakeModelOptions) -> list[TensorPlan]:
                 mlp(f"{b}.experts.{e}", o.intermediate)
             if o.family == "qwen2_moe":
                 mlp(f"{b}.shared_expert", o.dense_intermediate)
-                add(f"{b}.shared_expert_gate.weight", (1, H))
+                add(f"{b}.shared_expert_gate.weight", (1, H), "reader")
             elif o.family.startswith("deepseek"):
                 mlp(f"{b}.shared_experts", o.intermediate * 1)
     add("model.norm.weight", (H,), "norm")
@@ -381,22 +408,37 @@ def _generator(seed: int, key: str) -> torch.Generator:
     return g
 
 
-def _skew_direction(o: MakeModelOptions) -> torch.Tensor:
-    u = torch.randn(o.hidden, generator=_generator(o.seed, "skew/direction"), dtype=torch.float32)
-    return u / u.norm()
+def routing_subspace_dims(o: MakeModelOptions) -> int:
+    """Dimensions of the token-specific routing subspace ``S`` used when ``skew > 0``."""
+    return max(1, min(o.experts, o.hidden // 4))
+
+
+@functools.lru_cache(maxsize=8)
+def _routing_basis(seed: int, hidden: int, k: int) -> torch.Tensor:
+    """Orthonormal ``(hidden, 1 + k)``: column 0 is ``u``, columns 1.. span ``S``."""
+    a = torch.randn(hidden, 1 + k, generator=_generator(seed, "skew/basis"), dtype=torch.float64)
+    q, _ = torch.linalg.qr(a)
+    return q.to(torch.float32)
+
+
+def _basis(o: MakeModelOptions) -> torch.Tensor:
+    return _routing_basis(int(o.seed), o.hidden, routing_subspace_dims(o))
 
 
 def _router(t: TensorPlan, o: MakeModelOptions, g: torch.Generator) -> torch.Tensor:
-    w = torch.randn(t.shape, generator=g, dtype=torch.float32)
-    if o.skew > 0:
-        u = _skew_direction(o)
-        w -= torch.outer(w @ u, u)
-    w /= w.norm(dim=1, keepdim=True)  # unit rows: equal norms, logits O(1) on RMS-normalised inputs
-    if o.skew > 0:
-        ranks = torch.arange(t.shape[0], dtype=torch.float32)
-        bias = -o.skew * SKEW_GAIN * torch.log1p(ranks) / math.sqrt(o.hidden)
-        w += torch.outer(bias, _skew_direction(o))
-    return w
+    n_exp, hidden = t.shape
+    if o.skew <= 0:
+        w = torch.randn(t.shape, generator=g, dtype=torch.float32)
+        # equal row norms (no expert favoured by chance); element std 1/sqrt(hidden): O(1) logits
+        return w / w.norm(dim=1, keepdim=True)
+    q = _basis(o)
+    u, s_basis = q[:, 0], q[:, 1:]
+    r = torch.randn(n_exp, s_basis.shape[1], generator=g, dtype=torch.float32)
+    r /= r.norm(dim=1, keepdim=True)                       # unit directions in S
+    c = INIT_STD * math.sqrt(hidden)                        # the embeddings' u-coordinate
+    bias = -o.skew * torch.log1p(torch.arange(n_exp, dtype=torch.float32))
+    w = (r @ s_basis.T) / INIT_STD + torch.outer(bias / c, u)
+    return w * (INIT_STD * math.sqrt(2.0))                 # logits O(1) at the first layer
 
 
 def fill_tensor(t: TensorPlan, o: MakeModelOptions, out: torch.Tensor) -> torch.Tensor:
@@ -408,10 +450,18 @@ def fill_tensor(t: TensorPlan, o: MakeModelOptions, out: torch.Tensor) -> torch.
         return out.normal_(0.0, 0.01, generator=g)
     if t.init == "norm":
         return out.normal_(1.0, INIT_STD, generator=g)
-    out.normal_(0.0, INIT_STD, generator=g)
-    if t.init == "embed" and o.skew > 0:
-        out.add_(_skew_direction(o).to(out.dtype), alpha=INIT_STD * math.sqrt(o.hidden))
-    return out
+    if o.skew > 0 and t.init in ("reader", "writer", "embed"):
+        q = _basis(o)
+        w = torch.empty(t.shape, dtype=torch.float32).normal_(0.0, INIT_STD, generator=g)
+        if t.init == "reader":      # (out, hidden): blind to u and S
+            w -= (w @ q) @ q.T
+        elif t.init == "writer":    # (hidden, in): never writes into u or S
+            w -= q @ (q.T @ w)
+        else:                       # embeddings: u-coordinate exactly c, S-part = token noise
+            u = q[:, 0]
+            w += torch.outer(INIT_STD * math.sqrt(o.hidden) - w @ u, u)
+        return out.copy_(w)
+    return out.normal_(0.0, INIT_STD, generator=g)
 
 
 def init_tensor(t: TensorPlan, o: MakeModelOptions) -> torch.Tensor:
@@ -451,7 +501,7 @@ def _write_safetensors(path: Path, tensors: list[TensorPlan], o: MakeModelOption
     ``__metadata__ = {"format": "pt"}`` padded with spaces to 8 bytes, then the data,
     wider dtypes first so every tensor is aligned to its element size.
     """
-    items = sorted(tensors, key=lambda t: -t.itemsize)  # stable: plan order within a dtype
+    items = sorted(tensors, key=lambda t: (-t.itemsize, t.name))  # the order save_file uses
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in items:
@@ -556,7 +606,7 @@ def make_model(opts: MakeModelOptions, out_dir: str | Path, *,
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``make-model`` options (shared with ``moeyard make-model``)."""
     d = MakeModelOptions(family="mixtral")
-    p.add_argument("out_dir", help="checkpoint directory to write")
+    p.add_argument("--out", dest="out_dir", required=True, help="checkpoint directory to write")
     p.add_argument("--family", required=True, choices=SUPPORTED_FAMILIES)
     for name in ("layers", "hidden", "intermediate", "experts", "top_k", "heads", "kv_heads", "vocab",
                  "max_position_embeddings", "seed"):
@@ -571,14 +621,9 @@ def options_from_args(args: argparse.Namespace) -> MakeModelOptions:
     return MakeModelOptions(**{k: getattr(args, k) for k in fields})
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="moeyard make-model", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        opts = options_from_args(args)
-    except ValueError as e:
-        p.error(str(e))
+def run(args: argparse.Namespace) -> int:
+    """``moeyard make-model``: write the checkpoint the parsed options describe."""
+    opts = options_from_args(args)
     t0 = time.perf_counter()
     tty = sys.stderr.isatty()
 
@@ -593,6 +638,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {opts.family} checkpoint to {os.fspath(out)} ({size / 2**20:.1f} MiB) "
           f"in {time.perf_counter() - t0:.1f}s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="moeyard make-model", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as e:
+        p.error(str(e))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ class RopeSpec:
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
     attention_factor: float | None = None
+    truncate: bool = True
+    """YaRN: round the correction range to whole dimensions (transformers' ``truncate``)."""
     interleaved: bool = False
     """True when pairs are adjacent channels (DeepSeek's complex form), not halves."""
 
@@ -193,6 +195,7 @@ def _rope(cfg: dict, interleaved: bool) -> RopeSpec:
         mscale=float(params.get("mscale", 1.0) or 1.0),
         mscale_all_dim=float(params.get("mscale_all_dim", 0.0) or 0.0),
         attention_factor=params.get("attention_factor"),
+        truncate=bool(params.get("truncate", True)),
         interleaved=interleaved,
     )
 

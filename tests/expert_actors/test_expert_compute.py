@@ -1,0 +1,180 @@
+"""Grouped SwiGLU and ExpertSlots against per-token reference loops."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from cluster.checkpoint import CheckpointReader
+from cluster.spec import load_spec
+from expert_actors.expert_compute import grouped_swiglu, swiglu
+from expert_actors.slots import ExpertSlots
+
+
+def _silu(v: float) -> float:
+    return v / (1.0 + math.exp(-v))
+
+
+def _ffn_ref_token(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One token through one SwiGLU expert, in float64, straight from the definition."""
+    x, gate, up, down = (t.double() for t in (x, gate, up, down))
+    g = gate @ x
+    u = up @ x
+    act = torch.tensor([_silu(float(a)) for a in g], dtype=torch.float64) * u
+    return down @ act
+
+
+def _grouped_ref(x, counts, w13, w2, slot_index=None):
+    inter = w2.shape[-1]
+    slot_index = list(range(w13.shape[0])) if slot_index is None else slot_index
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    row = 0
+    for seg, n in enumerate(counts):
+        w = slot_index[seg]
+        for _ in range(n):
+            out[row] = _ffn_ref_token(x[row], w13[w, :inter], w13[w, inter:], w2[w])
+            row += 1
+    assert row == x.shape[0]
+    return out
+
+
+def _weights(s: int, d: int, inter: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(s, 2 * inter, d, generator=g) / math.sqrt(d)
+    w2 = torch.randn(s, d, inter, generator=g) / math.sqrt(inter)
+    return w13, w2
+
+
+D, I = 16, 24
+
+
+def test_grouped_swiglu_fp32_matches_per_token_loop():
+    w13, w2 = _weights(4, D, I)
+    counts = [3, 0, 5, 2]  # slot 1 received nothing
+    x = torch.randn(sum(counts), D, generator=torch.Generator().manual_seed(1))
+    out = grouped_swiglu(x, counts, w13, w2)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), _grouped_ref(x, counts, w13, w2), atol=1e-5, rtol=1e-5)
+    # counts may also come as a tensor
+    torch.testing.assert_close(grouped_swiglu(x, torch.tensor(counts), w13, w2), out, atol=0, rtol=0)
+
+
+def test_grouped_swiglu_bf16_within_tolerance():
+    w13, w2 = _weights(3, D, I, seed=2)
+    counts = [4, 1, 6]
+    x = torch.randn(sum(counts), D, generator=torch.Generator().manual_seed(3))
+    xb, w13b, w2b = x.bfloat16(), w13.bfloat16(), w2.bfloat16()
+    out = grouped_swiglu(xb, counts, w13b, w2b)
+    assert out.dtype == torch.bfloat16
+    ref = _grouped_ref(xb.float(), counts, w13b.float(), w2b.float())
+    # bf16 has an 8-bit mantissa: ~0.4% relative per rounding, a few roundings deep
+    torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=3e-2)
+    assert (out.double() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_grouped_swiglu_slot_index_selects_weights():
+    w13, w2 = _weights(6, D, I, seed=4)
+    slot_index = [5, 0, 2]
+    counts = [2, 3, 0]
+    x = torch.randn(5, D, generator=torch.Generator().manual_seed(5))
+    out = grouped_swiglu(x, counts, w13, w2, slot_index)
+    torch.testing.assert_close(out.double(), _grouped_ref(x, counts, w13, w2, slot_index), atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_swiglu_all_empty_and_bad_arguments():
+    w13, w2 = _weights(2, D, I)
+    out = grouped_swiglu(torch.zeros(0, D), [0, 0], w13, w2)
+    assert out.shape == (0, D)
+    with pytest.raises(ValueError, match="segments"):
+        grouped_swiglu(torch.zeros(3, D), [1, 2], w13, w2, slot_index=[0])
+    with pytest.raises(ValueError, match="sum"):
+        grouped_swiglu(torch.zeros(3, D), [1, 1], w13, w2)
+
+
+def test_dense_swiglu_matches_reference():
+    w13, w2 = _weights(1, D, I, seed=6)
+    x = torch.randn(4, D, generator=torch.Generator().manual_seed(7))
+    out = swiglu(x, w13[0, :I], w13[0, I:], w2[0])
+    ref = torch.stack([_ffn_ref_token(x[t], w13[0, :I], w13[0, I:], w2[0]) for t in range(4)])
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+# -- ExpertSlots on a real checkpoint ----------------------------------------------------
+
+def _expert_from_file(ckpt, layer: int, expert: int):
+    """(gate, up, down) of a Mixtral expert, read with safetensors directly."""
+    p = f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
+    with safe_open(ckpt / "model.safetensors", framework="pt") as f:
+        return f.get_tensor(f"{p}.w1.weight"), f.get_tensor(f"{p}.w3.weight"), f.get_tensor(f"{p}.w2.weight")
+
+
+@pytest.fixture
+def mixtral_slots(hf_models):
+    ckpt, _ = hf_models("mixtral")
+    spec = load_spec(ckpt)
+    slots = ExpertSlots(spec, torch.float32)
+    # global slot ids need not start at 0 on a shard; expert 5 has two copies
+    slots.load(CheckpointReader(ckpt), 1, [(9, 5), (10, 2), (11, 7), (12, 5)])
+    return ckpt, spec, slots
+
+
+def test_expert_slots_compute_uses_each_slots_expert(mixtral_slots):
+    ckpt, spec, slots = mixtral_slots
+    layer = spec.moe_layers[1]
+    slot_ids, counts = [9, 11, 12], [2, 3, 1]
+    x = torch.randn(6, spec.hidden_size, generator=torch.Generator().manual_seed(8))
+    out = slots.compute(1, slot_ids, counts, x)
+    experts = [5, 5, 7, 7, 7, 5]
+    ref = torch.stack([_ffn_ref_token(x[t], *_expert_from_file(ckpt, layer, e)) for t, e in enumerate(experts)])
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    # both copies of expert 5 compute the same thing
+    a = slots.compute(1, [9], [1], x[:1])
+    b = slots.compute(1, [12], [1], x[:1])
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_expert_slots_bf16_casts_input(hf_models):
+    ckpt, _ = hf_models("mixtral")
+    spec = load_spec(ckpt)
+    slots = ExpertSlots(spec, torch.bfloat16)
+    slots.load(CheckpointReader(ckpt), 0, [(0, 3)])
+    x = torch.randn(3, spec.hidden_size, generator=torch.Generator().manual_seed(9))
+    out = slots.compute(0, [0], [3], x)
+    assert out.dtype == torch.bfloat16
+    g, u, d = (t.bfloat16().float() for t in _expert_from_file(ckpt, spec.moe_layers[0], 3))
+    ref = torch.stack([_ffn_ref_token(x[t].bfloat16().float(), g, u, d) for t in range(3)])
+    assert (out.double() - ref).abs().max() < 0.05 * ref.abs().max() + 1e-3
+
+
+def test_unknown_slot_is_a_key_error_naming_it(mixtral_slots):
+    _, spec, slots = mixtral_slots
+    x = torch.zeros(2, spec.hidden_size)
+    with pytest.raises(KeyError) as ei:
+        slots.compute(1, [9, 77], [1, 1], x)
+    assert "77" in str(ei.value)
+    with pytest.raises(KeyError, match="MoE layer 0"):
+        slots.compute(0, [9], [2], x)  # nothing loaded for that layer
+
+
+def test_unload_removes_slot(mixtral_slots):
+    _, spec, slots = mixtral_slots
+    x = torch.randn(1, spec.hidden_size)
+    slots.compute(1, [10], [1], x)  # builds the stacked weights
+    slots.unload(1, [10])
+    assert 10 not in slots.slots(1)
+    with pytest.raises(KeyError, match="10"):
+        slots.compute(1, [10], [1], x)
+    assert slots.compute(1, [11], [1], x).shape == (1, spec.hidden_size)
+
+
+def test_expert_slots_refuse_bad_expert_and_dense_model(hf_models):
+    ckpt, _ = hf_models("mixtral")
+    spec = load_spec(ckpt)
+    with pytest.raises(ValueError, match="out of range"):
+        ExpertSlots(spec, torch.float32).load(CheckpointReader(ckpt), 0, [(0, 8)])
+    dense_ckpt, _ = hf_models("llama")
+    with pytest.raises(ValueError, match="no MoE layers"):
+        ExpertSlots(load_spec(dense_ckpt), torch.float32)
