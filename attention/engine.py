@@ -115,15 +115,22 @@ class LLMEngine:
         self._eos = set(spec.eos_token_ids)
 
     # -- requests ----------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise :class:`RequestError` for a request this engine can never serve.
+
+        Reads only immutable configuration, so any thread may call it."""
         params.validate()
-        if request_id in self._seqs:
-            raise RequestError(f"duplicate request id {request_id!r}")
         if not prompt_token_ids:
             raise RequestError("prompt is empty")
         bad = [t for t in prompt_token_ids if not 0 <= t < self.spec.vocab_size]
         if bad:
             raise RequestError(f"prompt token id {bad[0]} out of range [0, {self.spec.vocab_size})")
+        self.scheduler.check(Sequence("", list(prompt_token_ids), params))
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.validate_request(prompt_token_ids, params)
+        if request_id in self._seqs:
+            raise RequestError(f"duplicate request id {request_id!r}")
         seq = Sequence(request_id, list(prompt_token_ids), params, arrival=next(self._arrival))
         self.scheduler.add(seq)
         self._seqs[request_id] = seq

@@ -131,3 +131,14 @@ def test_half_rotation_is_a_rotation():
         want = torch.remainder(p * inv.double() + torch.pi, 2 * torch.pi) - torch.pi
         torch.testing.assert_close(angle, want, rtol=0, atol=1e-5)
         torch.testing.assert_close(y[:half] ** 2 + y[half:] ** 2, torch.ones(half, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("case", ["yarn-deepseek-v3", "yarn-deepseek-v2", "yarn-mscale-differs"])
+def test_mla_softmax_scale_matches_transformers(case):
+    import transformers as T
+
+    from attention.layers import mla_softmax_scale
+
+    cfg = CASES[case]()
+    hf = T.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3Attention(cfg, 0)
+    assert mla_softmax_scale(spec_from_config(cfg.to_dict())) == pytest.approx(hf.scaling, rel=1e-6)

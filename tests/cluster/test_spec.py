@@ -10,8 +10,6 @@ import torch
 from cluster.spec import SpecError, load_spec, spec_from_config
 from tests.conftest import FAMILIES, hf_config
 
-MOE_FAMILIES = [f for f in FAMILIES if f not in ("llama", "qwen2")]
-
 
 def _cfg(family: str, **over):
     """``hf_config`` with overrides; keeps per-layer lists consistent with the layer count."""
