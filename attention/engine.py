@@ -60,6 +60,9 @@ class EngineConfig:
     top_k_override: int | None = None
     capacity_factor: float | None = None
     num_threads: int | None = None
+    overlap: bool = False
+    """Split each step into two micro-batches so attention of one overlaps the
+    other's expert round trip (useful with a remote transport)."""
 
 
 def build_local_experts(model_dir: str | Path, spec: ModelSpec, placement: Placement, dtype: torch.dtype,
@@ -158,13 +161,11 @@ class LLMEngine:
             return "length"
         return None
 
-    def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
-        if batch.empty:
-            return []
+    def _inputs(self, pairs: list[tuple[Sequence, int]]):
+        """Model inputs of scheduled ``(sequence, new tokens)`` pairs."""
         ids, q_lens, ctx_lens, tables, sample_rows, sampled = [], [], [], [], [], []
         row = 0
-        for seq, n in zip(batch.seqs, batch.num_new):
+        for seq, n in pairs:
             ids.extend(seq.token_ids[seq.num_computed:seq.num_computed + n])
             q_lens.append(n)
             ctx_lens.append(seq.num_computed + n)
@@ -174,8 +175,33 @@ class LLMEngine:
                 sample_rows.append(row - 1)
                 sampled.append(seq)
         meta = AttnMeta.build(q_lens, ctx_lens, tables, self.blocks.block_size)
-        logits = self.runner.forward(torch.tensor(ids, dtype=torch.int64), meta,
-                                     torch.tensor(sample_rows, dtype=torch.int64))
+        return (torch.tensor(ids, dtype=torch.int64), meta, torch.tensor(sample_rows, dtype=torch.int64)), sampled
+
+    @staticmethod
+    def _split(pairs: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
+        """Two micro-batches of about equal token counts (one if too small to split)."""
+        if len(pairs) < 2:
+            return [pairs]
+        total = sum(n for _, n in pairs)
+        acc = 0
+        for i, (_, n) in enumerate(pairs[:-1]):
+            acc += n
+            if acc * 2 >= total:
+                return [pairs[:i + 1], pairs[i + 1:]]
+        return [pairs[:-1], pairs[-1:]]
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.empty:
+            return []
+        pairs = list(zip(batch.seqs, batch.num_new))
+        groups = self._split(pairs) if self.config.overlap else [pairs]
+        mbs, sampled = [], []
+        for group in groups:
+            mb, group_sampled = self._inputs(group)
+            mbs.append(mb)
+            sampled.extend(group_sampled)
+        logits = self.runner.forward_microbatches(mbs)
         for seq, n in zip(batch.seqs, batch.num_new):
             seq.num_computed += n
             if not seq.prefix_registered and seq.num_computed >= len(seq.prompt_token_ids):

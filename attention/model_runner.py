@@ -32,18 +32,34 @@ class ModelRunner:
         self._attn = mla_attention if spec.mla else gqa_attention
         self._moe_index = {layer: i for i, layer in enumerate(spec.moe_layers)}
 
-    def ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """Post-attention feed-forward of one layer: ``x [T, D]`` -> ``[T, D]``."""
+    def _submit_ffn(self, layer: int, x: torch.Tensor):
+        """Start the feed-forward of one layer. Dense layers finish at once; MoE
+        layers send their routed work and return the pending handle."""
         lw = self.w.layers[layer]
         if lw.moe is None:
             return _mlp(x, lw.mlp)
-        out = self.router(self._moe_index[layer], x)
-        if lw.moe.shared is not None:
-            s = _mlp(x, lw.moe.shared)
+        return self.router.submit(self._moe_index[layer], x)
+
+    def _finish_ffn(self, layer: int, x: torch.Tensor, started) -> torch.Tensor:
+        lw = self.w.layers[layer]
+        if lw.moe is None:
+            return started
+        shared = None
+        if lw.moe.shared is not None:  # computed while the routed experts are away
+            shared = _mlp(x, lw.moe.shared)
             if lw.moe.shared_gate is not None:
-                s = torch.sigmoid(F.linear(x, lw.moe.shared_gate)) * s
-            out = out + s
-        return out
+                shared = torch.sigmoid(F.linear(x, lw.moe.shared_gate)) * shared
+        out = self.router.finish(started)
+        return out if shared is None else out + shared
+
+    def _attention(self, layer: int, h: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+        lw = self.w.layers[layer]
+        x = rms_norm(h, lw.input_norm, self.spec.rms_norm_eps)
+        return h + self._attn(x, lw.attn, self.spec, layer, self.cache, self.rope, meta)
+
+    def _logits(self, h: torch.Tensor, sample_rows: torch.Tensor) -> torch.Tensor:
+        h = rms_norm(h[sample_rows], self.w.final_norm, self.spec.rms_norm_eps)
+        return F.linear(h, self.w.lm_head).float()
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttnMeta, sample_rows: torch.Tensor) -> torch.Tensor:
@@ -56,12 +72,32 @@ class ModelRunner:
         Returns:
             ``[B', V]`` fp32 logits.
         """
-        spec = self.spec
-        h = self.w.embed[input_ids]
+        return self.forward_microbatches([(input_ids, meta, sample_rows)])
+
+    @torch.inference_mode()
+    def forward_microbatches(self, mbs: list[tuple[torch.Tensor, AttnMeta, torch.Tensor]]) -> torch.Tensor:
+        """Run a step split into micro-batches (disjoint sets of sequences).
+
+        Ping-pong: while micro-batch ``i``'s routed experts are at the shards,
+        the next micro-batch runs its attention (and ``i``'s shared expert), as
+        in MegaScale-Infer. With one micro-batch this is the plain forward.
+        Returns the logits of every micro-batch's sample rows, concatenated.
+        """
+        eps = self.spec.rms_norm_eps
+        hs = [self.w.embed[ids] for ids, _, _ in mbs]
+        pending: list[tuple[int, torch.Tensor, object] | None] = [None] * len(mbs)
         for layer, lw in enumerate(self.w.layers):
-            x = rms_norm(h, lw.input_norm, spec.rms_norm_eps)
-            h = h + self._attn(x, lw.attn, spec, layer, self.cache, self.rope, meta)
-            x = rms_norm(h, lw.post_norm, spec.rms_norm_eps)
-            h = h + self.ffn(layer, x)
-        h = rms_norm(h[sample_rows], self.w.final_norm, spec.rms_norm_eps)
-        return F.linear(h, self.w.lm_head).float()
+            for i, (_, meta, _) in enumerate(mbs):
+                if pending[i] is not None:
+                    pl, px, started = pending[i]
+                    hs[i] = hs[i] + self._finish_ffn(pl, px, started)
+                    pending[i] = None
+                hs[i] = self._attention(layer, hs[i], meta)
+                x = rms_norm(hs[i], lw.post_norm, eps)
+                pending[i] = (layer, x, self._submit_ffn(layer, x))
+        out = []
+        for i, (_, _, rows) in enumerate(mbs):
+            pl, px, started = pending[i]
+            hs[i] = hs[i] + self._finish_ffn(pl, px, started)
+            out.append(self._logits(hs[i], rows))
+        return out[0] if len(out) == 1 else torch.cat(out, dim=0)

@@ -8,13 +8,17 @@ answered or in which order the shards replied.
 
 from __future__ import annotations
 
+import logging
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
 from router_service.placement import Placement
-from router_service.transport import ExpertTransport, ShardBatch
+from router_service.transport import ExpertTransport, ShardBatch, ShardUnavailable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -81,23 +85,80 @@ def combine(plan: DispatchPlan, outputs: list[torch.Tensor], weights: torch.Tens
     return out.to(dtype)
 
 
-class ExpertDispatcher:
-    """Runs the routed experts of every MoE layer through a transport."""
+@dataclass
+class PendingExperts:
+    """Routed-expert work of one MoE layer in flight."""
 
-    def __init__(self, placement: Placement, transport: ExpertTransport):
+    moe_layer: int
+    hidden: torch.Tensor
+    weights: torch.Tensor
+    ids: torch.Tensor
+    plan: DispatchPlan | None = None
+    future: "Future[list[torch.Tensor]] | None" = None
+
+
+class ExpertDispatcher:
+    """Runs the routed experts of every MoE layer through a transport.
+
+    A shard that fails (:class:`ShardUnavailable`) is marked down for
+    ``down_seconds``; the layer is re-planned on the remaining copies and sent
+    again. Only when an expert has no reachable copy does the layer fail, with
+    :class:`ExpertsUnavailable`.
+    """
+
+    def __init__(self, placement: Placement, transport: ExpertTransport, max_retries: int = 3,
+                 down_seconds: float = 2.0):
         self.placement = placement
         self.transport = transport
+        self.max_retries = max_retries
+        self.down_seconds = down_seconds
+        self._down: dict[int, float] = {}  # shard -> monotonic time it was marked down
 
-    def submit(self, moe_layer: int, hidden: torch.Tensor, ids: torch.Tensor
-               ) -> tuple[DispatchPlan, "Future[list[torch.Tensor]]"]:
-        placement = self.placement  # one epoch for the whole layer
-        plan, batches = plan_dispatch(hidden, ids, placement, moe_layer)
-        return plan, self.transport.submit(moe_layer, batches, placement.epoch)
+    def _live_placement(self) -> Placement:
+        if not self._down:
+            return self.placement
+        now = time.monotonic()
+        for shard, since in list(self._down.items()):
+            if now - since > self.down_seconds:
+                del self._down[shard]
+        return self.placement.without_shards(set(self._down)) if self._down else self.placement
+
+    def set_placement(self, placement: Placement) -> None:
+        """Switch to a new placement; takes effect at the next submitted layer."""
+        self.placement = placement
+
+    def submit(self, moe_layer: int, hidden: torch.Tensor, weights: torch.Tensor,
+               ids: torch.Tensor) -> PendingExperts:
+        """Send one layer's routed work; returns at once."""
+        p = PendingExperts(moe_layer, hidden, weights, ids)
+        if hidden.shape[0]:
+            placement = self._live_placement()  # one epoch for the whole layer
+            p.plan, batches = plan_dispatch(hidden, ids, placement, moe_layer)
+            p.future = self.transport.submit(moe_layer, batches, placement.epoch)
+        return p
+
+    def finish(self, p: PendingExperts) -> torch.Tensor:
+        """Wait for a submitted layer and combine: ``[T, D]``."""
+        if p.future is None:
+            return torch.zeros_like(p.hidden)
+        for attempt in range(self.max_retries + 1):
+            try:
+                return combine(p.plan, p.future.result(), p.weights, p.hidden.dtype)
+            except ShardUnavailable as e:
+                if attempt == self.max_retries:
+                    raise
+                log.warning("shard %d unavailable (%s); retrying MoE layer %d on other copies",
+                            e.shard, e, p.moe_layer)
+                self._down[e.shard] = time.monotonic()
+                refresh = getattr(self.transport, "refresh", None)
+                if refresh is not None:
+                    refresh(e.shard)
+                placement = self._live_placement()
+                p.plan, batches = plan_dispatch(p.hidden, p.ids, placement, p.moe_layer)
+                p.future = self.transport.submit(p.moe_layer, batches, placement.epoch)
+        raise AssertionError("unreachable")
 
     def __call__(self, moe_layer: int, hidden: torch.Tensor, weights: torch.Tensor,
                  ids: torch.Tensor) -> torch.Tensor:
         """``hidden [T, D]``, ``weights/ids [T, A]`` -> ``[T, D]`` routed-expert output."""
-        if hidden.shape[0] == 0:
-            return torch.zeros_like(hidden)
-        plan, fut = self.submit(moe_layer, hidden, ids)
-        return combine(plan, fut.result(), weights, hidden.dtype)
+        return self.finish(self.submit(moe_layer, hidden, weights, ids))

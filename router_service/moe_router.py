@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from router_service.dispatch import ExpertDispatcher
+from router_service.dispatch import ExpertDispatcher, PendingExperts
 from router_service.gate import GateConfig, gate
 
 
@@ -31,7 +31,15 @@ class MoERouter:
         g = self.gates[moe_layer]
         return gate(hidden, g.weight, self.gate_cfg, g.correction_bias)
 
+    def submit(self, moe_layer: int, hidden: torch.Tensor) -> PendingExperts:
+        """Gate and send ``hidden [T, D]`` to the shards; returns without waiting."""
+        weights, ids = self.route(moe_layer, hidden)
+        return self.dispatcher.submit(moe_layer, hidden, weights, ids)
+
+    def finish(self, pending: PendingExperts) -> torch.Tensor:
+        """Routed-expert output ``[T, D]`` of a submitted layer."""
+        return self.dispatcher.finish(pending)
+
     def __call__(self, moe_layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """Routed-expert output ``[T, D]`` for ``hidden [T, D]``."""
-        weights, ids = self.route(moe_layer, hidden)
-        return self.dispatcher(moe_layer, hidden, weights, ids)
+        return self.finish(self.submit(moe_layer, hidden))

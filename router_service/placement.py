@@ -13,12 +13,18 @@ from dataclasses import dataclass, field
 import torch
 
 
+class ExpertsUnavailable(RuntimeError):
+    """Some routed experts have no reachable copy right now."""
+
+
 @dataclass(frozen=True)
 class Placement:
     phy2log: torch.Tensor
     """``[L, P]`` int64."""
     num_shards: int
     epoch: int = 0
+    excluded_shards: frozenset[int] = frozenset()
+    """Shards currently unreachable: their slots are left out of ``log2phy``."""
     log2phy: torch.Tensor = field(init=False, repr=False)
     logcnt: torch.Tensor = field(init=False, repr=False)
 
@@ -32,17 +38,25 @@ class Placement:
         p2l = p2l.to(torch.int64).contiguous()
         object.__setattr__(self, "phy2log", p2l)
         num_experts = int(p2l.max()) + 1 if p2l.numel() else 0
-        logcnt = torch.zeros(num_layers, num_experts, dtype=torch.int64)
-        logcnt.scatter_add_(1, p2l, torch.ones_like(p2l))
-        max_r = int(logcnt.max()) if logcnt.numel() else 1
-        log2phy = torch.full((num_layers, num_experts, max_r), -1, dtype=torch.int64)
+        live = torch.ones(num_slots, dtype=torch.bool)
+        sps = num_slots // self.num_shards
+        for s in self.excluded_shards:
+            live[s * sps:(s + 1) * sps] = False
+        # dead slots count towards a phantom expert E, so the arithmetic below stays dense
+        keyed = torch.where(live, p2l, torch.full_like(p2l, num_experts))
+        counts = torch.zeros(num_layers, num_experts + 1, dtype=torch.int64)
+        counts.scatter_add_(1, keyed, torch.ones_like(keyed))
+        logcnt = counts[:, :num_experts].contiguous()
+        max_r = max(int(logcnt.max()) if logcnt.numel() else 1, 1)
+        log2phy = torch.full((num_layers, num_experts + 1, max(max_r, int(counts.max()))), -1, dtype=torch.int64)
         # stable order: copies listed by ascending slot id
-        order = torch.argsort(p2l, dim=1, stable=True)
-        sorted_log = torch.gather(p2l, 1, order)
-        first = torch.cumsum(logcnt, dim=1) - logcnt
+        order = torch.argsort(keyed, dim=1, stable=True)
+        sorted_log = torch.gather(keyed, 1, order)
+        first = torch.cumsum(counts, dim=1) - counts
         rank = torch.arange(num_slots).expand(num_layers, -1) - torch.gather(first, 1, sorted_log)
         layer_idx = torch.arange(num_layers).unsqueeze(1).expand(-1, num_slots)
         log2phy[layer_idx, sorted_log, rank] = order
+        log2phy = log2phy[:, :num_experts, :max_r].contiguous()
         object.__setattr__(self, "logcnt", logcnt)
         object.__setattr__(self, "log2phy", log2phy)
 
@@ -76,14 +90,23 @@ class Placement:
             raise ValueError(f"placement must hold every one of {num_experts} experts at least once; "
                              f"missing (layer, expert): {missing}")
 
+    def without_shards(self, shards: set[int] | frozenset[int]) -> "Placement":
+        """The same placement with ``shards`` left out of ``log2phy`` (they are unreachable)."""
+        return Placement(self.phy2log, self.num_shards, self.epoch, frozenset(shards))
+
     def choose_slots(self, moe_layer: int, ids: torch.Tensor) -> torch.Tensor:
         """Pick a physical slot for every ``(token, k)`` assignment.
 
         ``ids [T, A]`` logical experts -> ``[T, A]`` slots. Copies are chosen
         round-robin by token index, so hot experts spread over their copies and
-        the choice is deterministic for a given batch.
+        the choice is deterministic for a given batch. Raises
+        :class:`ExpertsUnavailable` if an expert has no live copy.
         """
         cnt = self.logcnt[moe_layer][ids]
+        if self.excluded_shards and bool((cnt == 0).any()):
+            lost = sorted(set(ids[cnt == 0].tolist()))
+            raise ExpertsUnavailable(f"experts {lost} of MoE layer {moe_layer} have no reachable copy "
+                                     f"(shards {sorted(self.excluded_shards)} are down)")
         tok = torch.arange(ids.shape[0]).unsqueeze(1).expand_as(ids)
         return self.log2phy[moe_layer][ids, tok % cnt]
 

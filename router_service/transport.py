@@ -57,3 +57,11 @@ class InProcessTransport:
 
     def close(self) -> None:
         pass
+
+
+class ShardUnavailable(RuntimeError):
+    """A shard did not answer (down, restarting or unreachable)."""
+
+    def __init__(self, shard: int, message: str = ""):
+        super().__init__(message or f"expert shard {shard} is unavailable")
+        self.shard = shard
