@@ -46,6 +46,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="compute dtype (default: the checkpoint's torch_dtype)")
     p.add_argument("--token", help="API token for --addr (else MOEYARD_API_TOKEN, else ~/.moeyard/token)")
+    p.add_argument("--timeout", type=float, default=None, help="deadline of the --addr call in seconds")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=cmd_generate)
 
@@ -56,9 +57,7 @@ def cmd_generate(args) -> int:
     from attention.tokenizer import require_tokenizer
 
     if args.addr:
-        print("error: --addr needs the cluster API, which this version does not include yet; use --model",
-              file=sys.stderr)
-        return 2
+        return _generate_remote(args)
     model = args.model or DEFAULT_DEMO_DIR
     if not (Path(model) / "config.json").is_file():
         print(f"error: {model} is not a checkpoint directory (no config.json); "
@@ -98,12 +97,74 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _add_cluster(sub) -> None:
+    p = sub.add_parser("up", help="start a local cluster (Ray, expert shards, attention replicas, API)")
+    p.add_argument("--config", type=Path, help="cluster config file (YAML or JSON)")
+    p.add_argument("--model", help="checkpoint directory (default: a cached demo model)")
+    p.add_argument("--expert-shards", type=int)
+    p.add_argument("--attention-replicas", type=int)
+    p.add_argument("--api-port", type=int)
+    p.add_argument("--api-host", help="bind address of the API (default 127.0.0.1)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"])
+    p.add_argument("--no-overlap", dest="overlap", action="store_false", default=None,
+                   help="turn off micro-batch overlap of attention and expert round trips")
+    p.add_argument("--no-auth", dest="require_auth", action="store_false", default=None,
+                   help="serve the API without a token (never do this off loopback)")
+    p.add_argument("--address", help="join this Ray cluster instead of starting a head")
+    p.add_argument("--detach", action="store_true", help="return once healthy; the cluster keeps running")
+    p.set_defaults(func=cmd_up)
+    p = sub.add_parser("down", help="stop the cluster started by `moeyard up`")
+    p.set_defaults(func=lambda args: __import__("cluster.local_cluster", fromlist=["down"]).down())
+    p = sub.add_parser("status", help="shards, slots, replicas and health of the running cluster")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=lambda args: __import__("cluster.local_cluster", fromlist=["status"]).status(args.json))
+
+
+def cmd_up(args) -> int:
+    from cluster.config import load_config
+    from cluster.local_cluster import up
+
+    cfg = load_config(args.config, model=args.model, expert_shards=args.expert_shards,
+                      attention_replicas=args.attention_replicas, api_port=args.api_port, api_host=args.api_host,
+                      dtype=args.dtype, overlap=args.overlap, require_auth=args.require_auth)
+    return up(cfg, args.address, args.detach)
+
+
+def _generate_remote(args) -> int:
+    """``generate --addr``: stream through the cluster's inference API."""
+    from moeyard.client import GenerateResult, MoeyardClient, MoeyardError
+
+    prompt = args.prompt if args.prompt is not None else args.token_ids
+    result = GenerateResult()
+    try:
+        with MoeyardClient(args.addr, token=args.token, timeout=args.timeout) as client:
+            for chunk in client.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                         top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
+                                         stop_token_ids=args.stop_token_ids, ignore_eos=args.ignore_eos):
+                result.add(chunk)
+                if not args.json and chunk.text:
+                    print(chunk.text, end="", flush=True)
+    except MoeyardError as e:
+        if not args.json and result.text:
+            print(flush=True)
+        print(f"error: {e.code.name}: {e.message}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    elif result.text:
+        print()
+    else:  # a model without a tokenizer streams ids only
+        print(" ".join(map(str, result.token_ids)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeyard", description="Expert-parallel MoE serving")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_make_model(sub)
     _add_generate(sub)
+    _add_cluster(sub)
     return parser
 
 

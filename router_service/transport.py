@@ -18,6 +18,22 @@ import torch
 from expert_actors.slots import ExpertSlots
 
 
+class ShardUnavailable(RuntimeError):
+    """A shard did not answer (down, restarting, unreachable, or too slow); ``.shard`` names it.
+
+    The caller may ``refresh`` the transport's view of that shard (a restarted
+    actor listens on a new port) and retry the step.
+    """
+
+    def __init__(self, shard: int, message: str = ""):
+        super().__init__(f"expert shard {shard} unavailable" + (f": {message}" if message else ""))
+        self.shard = shard
+        self.message = message
+
+    def __reduce__(self):  # keep (shard, message) through pickling (Ray, multiprocessing)
+        return (type(self), (self.shard, self.message))
+
+
 @dataclass(frozen=True)
 class ShardBatch:
     """Tokens for one shard in one MoE layer, grouped by slot.
@@ -57,11 +73,3 @@ class InProcessTransport:
 
     def close(self) -> None:
         pass
-
-
-class ShardUnavailable(RuntimeError):
-    """A shard did not answer (down, restarting or unreachable)."""
-
-    def __init__(self, shard: int, message: str = ""):
-        super().__init__(message or f"expert shard {shard} is unavailable")
-        self.shard = shard

@@ -1,0 +1,93 @@
+"""Typed configuration of a moeyard cluster (``moeyard up`` and the Serve app).
+
+One :class:`ClusterConfig` describes the whole application: the model, the
+expert shards and their placement, the attention replicas, the API. It is read
+from a YAML/JSON file plus command-line overrides, validated by pydantic, and
+handed to the Serve application as a plain dict (so it also renders into a
+KubeRay ``serveConfigV2``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MOEYARD_HOME = Path.home() / ".moeyard"
+DEMO_MODEL_DIR = MOEYARD_HOME / "models" / "demo-mixtral"
+DEFAULT_TOKEN_FILE = MOEYARD_HOME / "token"
+
+
+class EngineSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    block_size: int = Field(16, ge=1)
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    kv_cache_mib: int = Field(512, ge=1)
+    max_model_len: int | None = Field(None, ge=2)
+    max_waiting: int = Field(256, ge=0, description="admission queue bound; beyond it RESOURCE_EXHAUSTED")
+    max_new_tokens_limit: int = Field(4096, ge=1)
+    enable_prefix_caching: bool = True
+
+
+class ClusterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="checkpoint directory; None = the cached demo model")
+    dtype: Literal["bfloat16", "float32"] | None = None
+    namespace: str = Field("moeyard", pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
+
+    expert_shards: int = Field(2, ge=1)
+    redundant_slots_per_shard: int = Field(1, ge=0)
+    placement: list[list[int]] | None = Field(
+        None, description="explicit phy2log [L, P]; default: experts dealt in order, copies in the redundant slots")
+    shard_num_cpus: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+
+    attention_replicas: int = Field(2, ge=1)
+    replica_num_cpus: float = Field(1.0, gt=0)
+    overlap: bool = True
+    wire_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    torch_threads: int = Field(1, ge=1, description="torch threads per process (shards and replicas)")
+    engine: EngineSettings = EngineSettings()
+
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(0, ge=0, le=65535, description="0 = any free port")
+    require_auth: bool = True
+    api_token_file: str | None = Field(None, description="file holding the API token; default ~/.moeyard/token")
+
+    @field_validator("placement")
+    @classmethod
+    def _rect(cls, v):
+        if v is not None and (not v or len({len(r) for r in v}) != 1):
+            raise ValueError("placement must be a non-empty rectangular [L, P] list")
+        return v
+
+    def model_dir(self) -> Path:
+        return Path(self.model) if self.model else DEMO_MODEL_DIR
+
+    def token_file(self) -> Path:
+        return Path(self.api_token_file) if self.api_token_file else DEFAULT_TOKEN_FILE
+
+
+def load_config(path: str | Path | None, **overrides) -> ClusterConfig:
+    """Config from a YAML or JSON file (optional) with non-None ``overrides`` on top."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {p} not found")
+        text = p.read_text()
+        if p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {p} must hold a mapping")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return ClusterConfig.model_validate(data)

@@ -1,0 +1,252 @@
+"""``moeyard up`` / ``status`` / ``down`` on this machine.
+
+``up`` starts a Ray head (``ray start --head``: Ray outlives the command) or
+joins one (``--address``), deploys the one Serve application built from the
+config, waits until the API answers its health check and prints
+``API 127.0.0.1:PORT``. State lives in ``~/.moeyard/state.json`` so that
+``down`` (no arguments) finds and stops everything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cluster.config import DEMO_MODEL_DIR, MOEYARD_HOME, ClusterConfig
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = MOEYARD_HOME / "state.json"
+LOG_DIR = MOEYARD_HOME / "logs"
+DEMO_MODEL = dict(family="mixtral", layers=4, hidden=256, intermediate=512, experts=8, top_k=2, heads=8,
+                  kv_heads=2, vocab=4096, dtype="bfloat16", seed=0)
+
+
+@dataclass
+class ClusterState:
+    ray_address: str
+    started_ray: bool
+    api: str
+    namespace: str
+    model: str
+    pid: int
+
+
+def save_state(state: ClusterState) -> None:
+    MOEYARD_HOME.mkdir(parents=True, exist_ok=True)
+    STATE_FILE.write_text(json.dumps(asdict(state), indent=2))
+
+
+def load_state() -> ClusterState | None:
+    try:
+        return ClusterState(**json.loads(STATE_FILE.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def ensure_token(path: Path) -> str:
+    """The API token at ``path``, created (mode 0600) if missing."""
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+def ensure_demo_model(path: Path = DEMO_MODEL_DIR) -> Path:
+    if not (path / "config.json").is_file():
+        from cluster.make_model import MakeModelOptions, make_model
+
+        print(f"making the demo model in {path} ...", file=sys.stderr)
+        make_model(MakeModelOptions(**DEMO_MODEL), path)
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def logical_cpus(cfg: ClusterConfig) -> int:
+    """Logical CPUs the head must advertise so every actor and replica fits."""
+    need = cfg.expert_shards * cfg.shard_num_cpus + cfg.attention_replicas * cfg.replica_num_cpus + 2
+    return int(max(need, os.cpu_count() or 1) + 0.999)
+
+
+def start_ray_head(cfg: ClusterConfig) -> str:
+    """``ray start --head`` on loopback; returns the GCS address."""
+    ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
+    if ray_bin is None:
+        raise RuntimeError("the `ray` command is not installed in this environment")
+    port = free_port()
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    cmd = [ray_bin, "start", "--head", f"--port={port}", f"--num-cpus={logical_cpus(cfg)}",
+           "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats"]
+    with open(LOG_DIR / "ray-start.log", "ab") as out:
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"`ray start --head` failed (exit {proc.returncode}); see {LOG_DIR / 'ray-start.log'}")
+    return f"127.0.0.1:{port}"
+
+
+def deploy(cfg: ClusterConfig, ray_address: str, timeout_s: float = 300) -> str:
+    """Deploy the Serve application; returns the API address once it is healthy."""
+    import ray
+    from ray import serve
+
+    from cluster.serve_app import APP_NAME, build_app
+
+    if not ray.is_initialized():
+        ray.init(address=ray_address, namespace=cfg.namespace, log_to_driver=False, logging_level=logging.WARNING)
+    serve.start(proxy_location="Disabled")
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix=None, blocking=False)
+    addr = serve.get_app_handle(APP_NAME).address.remote().result(timeout_s=timeout_s)
+    wait_healthy(addr, timeout_s)
+    return addr
+
+
+def wait_healthy(addr: str, timeout_s: float) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(addr) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"API at {addr} not healthy after {timeout_s:.0f} s")
+            time.sleep(0.5)
+
+
+def up(cfg: ClusterConfig, address: str | None, detach: bool) -> int:
+    if load_state() is not None:
+        print(f"error: a cluster is already up (state in {STATE_FILE}); run `moeyard down` first", file=sys.stderr)
+        return 1
+    if cfg.model is None:
+        ensure_demo_model()
+    elif not (Path(cfg.model) / "config.json").is_file():
+        print(f"error: {cfg.model} is not a checkpoint directory (no config.json)", file=sys.stderr)
+        return 2
+    if cfg.require_auth:
+        ensure_token(cfg.token_file())
+    started = address is None
+    ray_address = address or start_ray_head(cfg)
+    try:
+        api = deploy(cfg, ray_address)
+    except BaseException:
+        if started:
+            stop_ray()
+        raise
+    save_state(ClusterState(ray_address, started, api, cfg.namespace, str(cfg.model_dir()), os.getpid()))
+    print(f"API {api}", flush=True)
+    if cfg.require_auth:
+        print(f"API token in {cfg.token_file()}", file=sys.stderr, flush=True)
+    if detach:
+        return 0
+    print("serving; Ctrl-C stops the cluster", file=sys.stderr, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    return down()
+
+
+def stop_ray() -> None:
+    ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
+    with open(LOG_DIR / "ray-stop.log", "ab") as out:
+        subprocess.run([ray_bin, "stop", "--grace-period", "30"], stdout=out, stderr=subprocess.STDOUT,
+                       timeout=120, check=False)
+
+
+def down() -> int:
+    state = load_state()
+    if state is None:
+        print("no cluster is up", file=sys.stderr)
+        return 0
+    import ray
+    from ray import serve
+
+    from cluster.serve_app import APP_NAME
+
+    try:
+        ray.init(address=state.ray_address, namespace=state.namespace, log_to_driver=False,
+                 logging_level=logging.WARNING)
+        serve.delete(APP_NAME)  # drains replicas (graceful_shutdown_timeout_s)
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            if actor["namespace"] == state.namespace and actor["name"].startswith(f"{state.namespace}-shard-"):
+                ray.kill(ray.get_actor(actor["name"], namespace=state.namespace), no_restart=True)
+        ray.shutdown()
+    except Exception as e:  # Ray already gone: nothing left to drain
+        print(f"warning: could not reach Ray at {state.ray_address}: {e}", file=sys.stderr)
+    if state.started_ray:
+        stop_ray()
+    STATE_FILE.unlink(missing_ok=True)
+    print("cluster stopped")
+    return 0
+
+
+def status(as_json: bool) -> int:
+    state = load_state()
+    if state is None:
+        print("no cluster is up", file=sys.stderr)
+        return 1
+    import ray
+    from ray import serve
+
+    from cluster.serve_app import APP_NAME
+
+    ray.init(address=state.ray_address, namespace=state.namespace, log_to_driver=False,
+             logging_level=logging.WARNING)
+    app = serve.status().applications.get(APP_NAME)
+    shards = serve.get_deployment_handle("ShardManager", APP_NAME).status.remote().result(timeout_s=30)
+    deployments = {name: {"status": str(d.status.value if hasattr(d.status, "value") else d.status),
+                          "replicas": dict(d.replica_states)}
+                   for name, d in (app.deployments.items() if app else [])}
+    try:
+        wait_healthy(state.api, 5)
+        api_health = "SERVING"
+    except TimeoutError:
+        api_health = "NOT_SERVING"
+    report = {"api": state.api, "api_health": api_health, "ray_address": state.ray_address,
+              "app_status": str(app.status.value if app else "MISSING"), "deployments": deployments,
+              "shards": shards}
+    if as_json:
+        print(json.dumps(report))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    con.print(f"API {state.api} ({api_health}) · Ray {state.ray_address} · app {report['app_status']}")
+    t = Table("deployment", "status", "replicas")
+    for name, d in deployments.items():
+        t.add_row(name, d["status"], ", ".join(f"{k}: {v}" for k, v in d["replicas"].items()))
+    con.print(t)
+    t = Table("shard", "healthy", "address", "slots per MoE layer", "weights MiB", "RSS MiB")
+    for s in shards:
+        slots = s.get("slots") or {}
+        t.add_row(str(s.get("shard_id")), str(s.get("healthy")), str(s.get("address", "-")),
+                  "; ".join(f"L{k}: {v}" for k, v in sorted(slots.items(), key=lambda kv: int(kv[0]))[:4]),
+                  f"{s.get('weight_bytes', 0) / 2**20:.1f}", f"{s.get('rss_bytes', 0) / 2**20:.1f}")
+    con.print(t)
+    return 0

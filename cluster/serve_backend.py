@@ -1,0 +1,47 @@
+"""The API's backend inside the Serve application: requests go to attention
+replicas through a Serve handle (streaming)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+
+from attention.async_engine import EngineFailed, QueueFull
+from attention.sequence import RequestError, RequestOutput, SamplingParams
+from cluster.config import ClusterConfig
+from cluster.spec import ModelSpec
+
+_ERRORS = {"invalid_argument": RequestError, "resource_exhausted": QueueFull, "unavailable": EngineFailed}
+
+
+class ServeBackend:
+    def __init__(self, replicas, shard_manager, spec: ModelSpec, cfg: ClusterConfig):
+        self.replicas = replicas.options(stream=True)
+        self.shard_manager = shard_manager
+        self.spec = spec
+        self.cfg = cfg
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        gen = self.replicas.generate.remote(request_id, list(prompt_token_ids), dataclasses.asdict(params))
+        try:
+            async for item in gen:
+                if "error" in item:
+                    raise _ERRORS.get(item["error"], EngineFailed)(item["message"])
+                yield RequestOutput(request_id, item["token_ids"], item["finished"], item["finish_reason"],
+                                    item["prompt_tokens"], item["completion_tokens"])
+        finally:
+            gen.cancel()
+
+    async def model_info(self) -> dict:
+        total, active = self.spec.total_and_active_params()
+        s = self.spec
+        info = await self.shard_manager.placement_info.remote()
+        return {"family": s.family, "model": str(self.cfg.model_dir()), "vocab_size": s.vocab_size,
+                "max_model_len": self.cfg.engine.max_model_len or s.max_position_embeddings,
+                "num_layers": s.num_layers, "num_moe_layers": s.num_moe_layers,
+                "num_experts": s.moe.num_experts if s.moe else 0, "top_k": s.moe.top_k if s.moe else 0,
+                "total_params": total, "active_params": active, "dtype": self.cfg.dtype or s.torch_dtype,
+                "num_expert_shards": info["num_shards"] if info else 0,
+                "num_attention_replicas": self.cfg.attention_replicas,
+                "placement_epoch": info["epoch"] if info else 0}

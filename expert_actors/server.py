@@ -1,0 +1,382 @@
+"""The gRPC server of one expert shard (``moeyard.v1.ExpertService``).
+
+An :class:`ExpertServer` holds the expert weights of one shard
+(:class:`~expert_actors.slots.ExpertSlots`), reads only its own experts from
+the checkpoint, and answers:
+
+- ``Compute``: the grouped SwiGLU for one MoE layer's tokens, grouped by slot;
+- ``LoadSlots`` / ``UnloadSlots``: change the slots it holds (a placement move);
+- ``Status``: slots, weight bytes, RSS, counters;
+- ``grpc.health.v1.Health``: SERVING once its slots are loaded.
+
+Every error becomes a status code with a message that names the problem
+(``NOT_FOUND`` for a slot the shard does not hold, ``INVALID_ARGUMENT`` for a
+malformed request, ``FAILED_PRECONDITION`` for a checkpoint that lacks a
+tensor, ``INTERNAL`` for anything else); no request can kill the server.
+
+Threading: requests are decoded and encoded on gRPC's worker threads in
+parallel, but the grouped FFN and slot changes hold one lock: compute calls on
+one shard would only compete for the same cores, and the lock keeps a
+``LoadSlots`` from interleaving with a ``Compute`` of the same layer. Checkpoint
+reads for ``LoadSlots`` happen outside the lock, so serving goes on while new
+copies load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from cluster.checkpoint import CheckpointError, CheckpointReader
+from cluster.spec import ModelSpec, load_spec
+from cluster.weight_names import expert_names
+from expert_actors.slots import ExpertSlots
+from expert_actors.wire import WIRE_DTYPES, dtype_name, tensor_from_proto, tensor_to_proto
+from moeyard.v1 import expert_pb2 as pb
+from moeyard.v1 import expert_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "moeyard.v1.ExpertService"
+MAX_MESSAGE_BYTES = 256 << 20
+"""Send/receive limit on both ends: the largest batch (e.g. 2048 tokens x top-8 x 7168 x fp32 = 470 MB
+would not fit; 2048 x 2 x 7168 x 4 = 117 MB does). Raise it with ``max_message_bytes`` if needed."""
+
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "float": "float32"}
+
+
+def grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """Channel/server options shared by both ends (message size limits)."""
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in WIRE_DTYPES.values():
+            raise ValueError(f"unsupported expert dtype {dtype}; use float32 or bfloat16")
+        return dtype
+    name = _DTYPE_ALIASES.get(dtype, dtype)
+    if name not in WIRE_DTYPES:
+        raise ValueError(f"unsupported expert dtype {dtype!r}; use float32 or bfloat16")
+    return WIRE_DTYPES[name]
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (peak RSS where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class RequestError(Exception):
+    """A request the server refuses; carries the gRPC status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _Prefetched:
+    """A reader over tensors already read from the checkpoint (for ExpertSlots.load under the lock)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self._tensors = tensors
+
+    def get(self, name, expected_shape=None, dtype=None):
+        t = self._tensors[name]
+        return t.to(dtype) if dtype is not None and t.dtype != dtype else t
+
+
+class ExpertServer:
+    """One expert shard's weights behind a gRPC server.
+
+    Args:
+        shard_id: this shard's index (slot ``p`` lives on shard ``p // slots_per_shard``).
+        spec: the model spec (``None``: read ``model_dir/config.json``).
+        model_dir: checkpoint directory; only this shard's experts are read.
+        dtype: compute dtype of the weights (``torch.float32``/``torch.bfloat16`` or a name).
+        assignments: MoE layer -> ``[(slot, logical expert)]`` to load before serving.
+        host, port: where to listen (``port=0`` picks a free port; see :attr:`address`).
+        num_threads: ``torch.set_num_threads`` for this process (``None``: leave as is).
+        server_credentials: ``grpc.ServerCredentials`` for TLS (``None``: insecure, e.g. loopback).
+        advertise_host: host to put in :attr:`address` (default: ``host``; for a
+            wildcard host, this machine's IP).
+    """
+
+    def __init__(self, shard_id: int, spec: ModelSpec | None, model_dir: str | Path, dtype: torch.dtype | str,
+                 assignments: Mapping[int, Iterable[tuple[int, int]]] | None = None, host: str = "127.0.0.1",
+                 port: int = 0, num_threads: int | None = None, server_credentials=None, *,
+                 max_workers: int = 8, max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 advertise_host: str | None = None):
+        self.shard_id = int(shard_id)
+        self.model_dir = Path(model_dir)
+        self.spec = spec if spec is not None else load_spec(model_dir)
+        if self.spec.moe is None:
+            raise ValueError(f"{self.model_dir} has no MoE layers; an expert shard has nothing to hold")
+        self.dtype = resolve_dtype(dtype)
+        if num_threads:
+            torch.set_num_threads(int(num_threads))
+        self.reader = CheckpointReader(self.model_dir)
+        self.slots = ExpertSlots(self.spec, self.dtype)
+        self._lock = threading.Lock()
+        self._loaded: dict[int, set[int]] = {i: set() for i in range(self.spec.num_moe_layers)}
+        self._stats_lock = threading.Lock()
+        self.requests = 0
+        self.tokens = 0
+        self.compute_seconds = 0.0
+        self.last_epoch = -1
+
+        t0 = time.perf_counter()
+        pairs = [(int(layer), int(s), int(e)) for layer, lst in (assignments or {}).items() for s, e in lst]
+        try:
+            self.load(pairs)
+        except RequestError as e:
+            raise ValueError(f"expert shard {shard_id}: {e.message}") from None
+        log.info("shard %d: loaded %d slots (%.1f MiB) in %.2fs", self.shard_id, len(pairs),
+                 self.slots.nbytes() / 2**20, time.perf_counter() - t0)
+
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self._server = grpc.server(ThreadPoolExecutor(max_workers=max_workers,
+                                                      thread_name_prefix=f"expert-shard-{shard_id}"),
+                                   options=grpc_options(max_message_bytes))
+        pb_grpc.add_ExpertServiceServicer_to_server(_Servicer(self), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        bind = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+        if server_credentials is not None:
+            self.port = self._server.add_secure_port(bind, server_credentials)
+        else:
+            self.port = self._server.add_insecure_port(bind)
+        if not self.port:
+            raise RuntimeError(f"expert shard {shard_id} could not bind {bind}")
+        self.host = host
+        adv = advertise_host or host
+        if adv in ("0.0.0.0", "::", "[::]", ""):
+            adv = _node_ip()
+        self.address = f"[{adv}]:{self.port}" if ":" in adv and not adv.startswith("[") else f"{adv}:{self.port}"
+        self._server.start()
+        self._stopped = False
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("shard %d serving on %s", self.shard_id, self.address)
+
+    # -- Python API (what the servicer calls; usable in-process too) ----------------
+    def _check_layer(self, moe_layer: int) -> None:
+        n = self.spec.num_moe_layers
+        if not 0 <= moe_layer < n:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"moe_layer {moe_layer} out of range [0, {n})")
+
+    def load(self, assignments: Iterable[tuple[int, int, int]]) -> int:
+        """Load ``(moe_layer, slot, logical expert)`` triples; returns bytes loaded.
+
+        Validates everything and reads every tensor before touching the slots, so
+        a bad request changes nothing.
+        """
+        spec, moe = self.spec, self.spec.moe
+        assignments = list(assignments)
+        d, inter = spec.hidden_size, moe.intermediate_size
+        tensors: dict[str, torch.Tensor] = {}
+        by_layer: dict[int, list[tuple[int, int]]] = {}
+        for moe_layer, slot, expert in assignments:
+            self._check_layer(moe_layer)
+            if slot < 0:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"slot id {slot} is negative")
+            if not 0 <= expert < moe.num_experts:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"logical expert {expert} out of range [0, {moe.num_experts})")
+            names = expert_names(spec.family, spec.moe_layers[moe_layer], expert)
+            for name, shape in ((names.gate, (inter, d)), (names.up, (inter, d)), (names.down, (d, inter))):
+                if name not in tensors:
+                    try:
+                        tensors[name] = self.reader.get(name, shape, self.dtype)
+                    except CheckpointError as e:
+                        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+            by_layer.setdefault(moe_layer, []).append((slot, expert))
+        src = _Prefetched(tensors)
+        nbytes = 0
+        with self._lock:
+            for moe_layer, pairs in by_layer.items():
+                nbytes += self.slots.load(src, moe_layer, pairs)
+                self._loaded[moe_layer].update(s for s, _ in pairs)
+        return nbytes
+
+    def unload(self, refs: Iterable[tuple[int, int]]) -> int:
+        """Unload ``(moe_layer, slot)`` pairs; returns how many were loaded (others are ignored)."""
+        refs = list(refs)
+        for moe_layer, _ in refs:
+            self._check_layer(moe_layer)
+        n = 0
+        with self._lock:
+            for moe_layer, slot in refs:
+                if slot in self._loaded[moe_layer]:
+                    self._loaded[moe_layer].discard(slot)
+                    self.slots.unload(moe_layer, [slot])
+                    n += 1
+        return n
+
+    def compute(self, moe_layer: int, slot_ids: list[int], counts: list[int], x: torch.Tensor,
+                epoch: int = -1) -> tuple[torch.Tensor, float]:
+        """Validate and run one grouped FFN; returns (``[N, D]`` in ``x``'s dtype, compute seconds)."""
+        self._check_layer(moe_layer)
+        bad = grpc.StatusCode.INVALID_ARGUMENT
+        if len(slot_ids) != len(counts):
+            raise RequestError(bad, f"slot_ids has {len(slot_ids)} entries but counts has {len(counts)}")
+        if any(c < 0 for c in counts):
+            raise RequestError(bad, f"counts must be non-negative, got {counts}")
+        d = self.spec.hidden_size
+        if x.dim() != 2 or x.shape[1] != d:
+            raise RequestError(bad, f"hidden must have shape [N, {d}], got {list(x.shape)}")
+        if sum(counts) != x.shape[0]:
+            raise RequestError(bad, f"counts sum to {sum(counts)} but hidden has {x.shape[0]} rows")
+        with self._lock:
+            loaded = self._loaded[moe_layer]
+            missing = [s for s in slot_ids if s not in loaded]
+            if missing:
+                raise RequestError(grpc.StatusCode.NOT_FOUND,
+                                   f"slot {missing[0]} of MoE layer {moe_layer} is not loaded on shard "
+                                   f"{self.shard_id}")
+            t0 = time.perf_counter()
+            if x.shape[0] == 0:
+                out = torch.empty(0, d, dtype=x.dtype)
+            else:
+                out = self.slots.compute(moe_layer, list(slot_ids), list(counts), x)
+            dt = time.perf_counter() - t0
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        with self._stats_lock:
+            self.requests += 1
+            self.tokens += int(x.shape[0])
+            self.compute_seconds += dt
+            self.last_epoch = max(self.last_epoch, int(epoch))
+        return out, dt
+
+    def held_slots(self) -> dict[int, dict[int, int]]:
+        """MoE layer -> {slot: logical expert} held now."""
+        with self._lock:
+            return {layer: dict(sorted(self.slots.slots(layer).items())) for layer in self._loaded}
+
+    def status(self) -> dict:
+        """The Status reply as a plain dict (for Ray actors, logs, tests)."""
+        held = self.held_slots()
+        with self._stats_lock:
+            counters = dict(requests=self.requests, tokens=self.tokens,
+                            compute_seconds=self.compute_seconds, last_epoch=self.last_epoch)
+        return dict(shard_id=self.shard_id, address=self.address, pid=os.getpid(), dtype=dtype_name(self.dtype),
+                    slots=held, weight_bytes=self.slots.nbytes(), rss_bytes=rss_bytes(),
+                    num_threads=torch.get_num_threads(), **counters)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop serving (health NOT_SERVING first); in-flight calls get ``grace`` seconds."""
+        if getattr(self, "_stopped", True):
+            return
+        self._stopped = True
+        self.health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self._server.wait_for_termination(timeout)
+
+    def __enter__(self) -> "ExpertServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop(0)
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except Exception:  # pragma: no cover - ray missing or not connected
+        pass
+    import socket
+
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+class _Servicer(pb_grpc.ExpertServiceServicer):
+    """Maps requests to :class:`ExpertServer` calls and errors to status codes."""
+
+    def __init__(self, server: ExpertServer):
+        self.s = server
+
+    def _run(self, context, method: str, fn):
+        try:
+            return fn()
+        except RequestError as e:
+            code, msg = e.code, e.message
+        except ValueError as e:  # a malformed tensor, or ExpertSlots refusing an argument
+            code, msg = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        except KeyError as e:
+            code, msg = grpc.StatusCode.NOT_FOUND, str(e.args[0]) if e.args else repr(e)
+        except Exception as e:  # never let a request take the server down
+            log.exception("shard %d: %s failed", self.s.shard_id, method)
+            code, msg = grpc.StatusCode.INTERNAL, f"{method} failed on shard {self.s.shard_id}: {e!r}"
+        if code != grpc.StatusCode.INTERNAL:
+            log.debug("shard %d: %s refused (%s): %s", self.s.shard_id, method, code.name, msg)
+        context.abort(code, msg)
+
+    def Compute(self, request, context):
+        def run():
+            x = tensor_from_proto(request.hidden)
+            out, dt = self.s.compute(request.moe_layer, list(request.slot_ids), list(request.counts), x,
+                                     request.epoch)
+            resp = pb.ComputeResponse(compute_seconds=dt, shard_id=self.s.shard_id)
+            tensor_to_proto(out, out=resp.output)
+            return resp
+        return self._run(context, "Compute", run)
+
+    def LoadSlots(self, request, context):
+        def run():
+            t0 = time.perf_counter()
+            n = self.s.load((a.moe_layer, a.slot, a.expert) for a in request.slots)
+            return pb.LoadSlotsResponse(bytes_loaded=n, load_seconds=time.perf_counter() - t0,
+                                        weight_bytes=self.s.slots.nbytes())
+        return self._run(context, "LoadSlots", run)
+
+    def UnloadSlots(self, request, context):
+        def run():
+            n = self.s.unload((r.moe_layer, r.slot) for r in request.slots)
+            return pb.UnloadSlotsResponse(slots_unloaded=n, weight_bytes=self.s.slots.nbytes())
+        return self._run(context, "UnloadSlots", run)
+
+    def Status(self, request, context):
+        def run():
+            st = self.s.status()
+            resp = pb.StatusResponse(shard_id=st["shard_id"], weight_bytes=st["weight_bytes"],
+                                     rss_bytes=st["rss_bytes"], dtype=st["dtype"], pid=st["pid"],
+                                     address=st["address"], num_threads=st["num_threads"],
+                                     requests=st["requests"], tokens=st["tokens"],
+                                     compute_seconds=st["compute_seconds"], last_epoch=st["last_epoch"])
+            for layer, slots in st["slots"].items():
+                resp.layers.add(moe_layer=layer, slot_ids=list(slots), experts=list(slots.values()))
+            return resp
+        return self._run(context, "Status", run)
+
+
+def status_to_dict(resp: pb.StatusResponse) -> dict:
+    """A Status reply in the shape of :meth:`ExpertServer.status`."""
+    return dict(shard_id=resp.shard_id, address=resp.address, pid=resp.pid, dtype=resp.dtype,
+                slots={ls.moe_layer: dict(zip(ls.slot_ids, ls.experts)) for ls in resp.layers},
+                weight_bytes=resp.weight_bytes, rss_bytes=resp.rss_bytes, num_threads=resp.num_threads,
+                requests=resp.requests, tokens=resp.tokens, compute_seconds=resp.compute_seconds,
+                last_epoch=resp.last_epoch)

@@ -1,0 +1,102 @@
+"""An expert shard as a Ray actor: an :class:`ExpertServer` in its own process.
+
+Ray places and restarts the process; the data path never goes through Ray:
+routers call the shard's gRPC server directly (a Ray actor call costs several
+times a gRPC call for the same tensor). The actor methods only serve the
+control plane: where is the server (:meth:`ExpertShardActor.address`), is it up
+(:meth:`ExpertShardActor.ready`), what does it hold (:meth:`ExpertShardActor.status`).
+
+Restarts: :func:`create_shard_actor` sets ``max_restarts=-1``. A restarted
+actor runs ``__init__`` again with the same arguments, so it reloads the slots
+it was *created* with (not slots changed since through ``LoadSlots`` /
+``UnloadSlots``: whoever moved them must apply the current placement again)
+and listens on a new port: callers re-read :meth:`address` (e.g.
+``GrpcTransport.refresh(shard)`` with an address callable that asks the actor).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import ray
+
+
+class ExpertShardActor:
+    """Ray actor body (use :func:`create_shard_actor`, or ``ray.remote(ExpertShardActor)``)."""
+
+    def __init__(self, shard_id: int, model_dir: str, assignments: Mapping[int, Iterable[tuple[int, int]]],
+                 dtype: str = "float32", host: str = "127.0.0.1", num_threads: int | None = None,
+                 port: int = 0):
+        import torch
+
+        from expert_actors.server import ExpertServer
+
+        if num_threads:
+            # before anything allocates torch's thread pool
+            torch.set_num_threads(int(num_threads))
+        self.shard_id = shard_id
+        self.server = ExpertServer(shard_id, None, model_dir, dtype,
+                                   {int(k): [(int(s), int(e)) for s, e in v] for k, v in assignments.items()},
+                                   host=host, port=port, num_threads=num_threads)
+
+    def ready(self) -> bool:
+        """True once the server listens with its slots loaded (``__init__`` has returned)."""
+        return True
+
+    def address(self) -> str:
+        """``host:port`` of the shard's gRPC server (changes after a restart)."""
+        return self.server.address
+
+    def status(self) -> dict:
+        """Slots held, weight bytes, RSS, pid, counters (see ``ExpertServer.status``)."""
+        return self.server.status()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop the gRPC server (the actor stays; ``ray.kill`` ends it)."""
+        self.server.stop(grace)
+
+    def __ray_shutdown__(self) -> None:  # graceful actor exit
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.stop(0)
+
+
+def create_shard_actor(shard_id: int, model_dir: str | Path, assignments: Mapping[int, Iterable[tuple[int, int]]],
+                       dtype: str = "float32", host: str = "127.0.0.1", num_threads: int | None = None, *,
+                       num_cpus: float = 1.0, use_gpu: bool = False, name: str | None = None,
+                       namespace: str | None = None, detached: bool = False, max_task_retries: int = -1,
+                       runtime_env: dict | None = None):
+    """Start one :class:`ExpertShardActor`; returns its handle (``__init__`` runs asynchronously).
+
+    Args:
+        num_cpus: Ray CPUs reserved. ``num_threads`` defaults to ``max(1, round(num_cpus))``
+            so the shard's torch threads match what Ray accounted for.
+        use_gpu: reserve one GPU (``num_gpus=1``).
+        name / namespace: a named actor (``ray.get_actor(name, namespace=...)``).
+        detached: ``lifetime="detached"`` (outlives the driver; needs ``name`` to be found again).
+        max_task_retries: retries of an actor method whose call was lost to a crash; every
+            method is an idempotent read, so the default ``-1`` retries until the restarted
+            actor answers (bound the wait with ``ray.get(..., timeout=...)``).
+    """
+    if num_threads is None:
+        num_threads = max(1, round(num_cpus))
+    opts: dict = dict(num_cpus=num_cpus, max_restarts=-1, max_task_retries=max_task_retries,
+                      max_concurrency=4)
+    if use_gpu:
+        opts["num_gpus"] = 1
+    if name is not None:
+        opts["name"] = name
+    if namespace is not None:
+        opts["namespace"] = namespace
+    if detached:
+        opts["lifetime"] = "detached"
+    if runtime_env is not None:
+        opts["runtime_env"] = runtime_env
+    cls = ray.remote(ExpertShardActor)
+    assignments = {int(k): [(int(s), int(e)) for s, e in v] for k, v in assignments.items()}
+    return cls.options(**opts).remote(shard_id, str(model_dir), assignments, dtype, host, num_threads)

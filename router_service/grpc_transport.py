@@ -1,0 +1,268 @@
+"""The expert transport over gRPC: one ``Compute`` call per shard batch.
+
+:class:`GrpcTransport` implements the same ``submit(moe_layer, batches, epoch)
+-> Future[list[Tensor]]`` as :class:`~router_service.transport.InProcessTransport`.
+Every batch of a layer goes out at once (``stub.Compute.future``), over one
+channel per shard that stays open between steps; the combined future resolves
+when the last answer arrives, with the outputs in batch order and in each
+input's dtype.
+
+Failures: a shard that cannot be reached (``UNAVAILABLE`` — down, connection
+refused, restarting — ``DEADLINE_EXCEEDED`` or ``CANCELLED``) fails the future
+with :class:`~router_service.transport.ShardUnavailable` naming the shard, at
+the first such answer (the other calls of the layer are cancelled). A shard
+that answers with an error (``NOT_FOUND`` for a slot it does not hold,
+``INVALID_ARGUMENT``, ``INTERNAL``) fails it with :class:`ShardCallError`.
+After a Ray actor restart the shard listens on a new port: call
+:meth:`GrpcTransport.refresh` so the next call re-resolves its address.
+
+Precision of ``wire_dtype=torch.bfloat16`` for fp32 compute: the hidden states
+are rounded to bf16 before sending (8 significant bits, relative error up to
+2**-9 ≈ 0.2% per element), the shard computes in its own dtype on those
+rounded inputs, and the outputs come back rounded to bf16 again; half the bytes
+on the wire, but results no longer match fp32 bit for bit (greedy tokens may
+diverge after a few steps). The default sends each hidden in its own dtype.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, InvalidStateError
+
+import grpc
+import torch
+
+from expert_actors.server import MAX_MESSAGE_BYTES, grpc_options, status_to_dict
+from expert_actors.wire import dtype_name, tensor_from_proto, tensor_to_proto
+from moeyard.v1 import expert_pb2 as pb
+from moeyard.v1 import expert_pb2_grpc as pb_grpc
+from router_service.transport import ShardBatch, ShardUnavailable
+
+UNAVAILABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                               grpc.StatusCode.CANCELLED})
+
+
+class ShardCallError(RuntimeError):
+    """A shard answered a call with an error (not an outage); ``.shard``, ``.code`` and ``.details`` say which."""
+
+    def __init__(self, shard: int, code: grpc.StatusCode, details: str):
+        super().__init__(f"expert shard {shard} refused the call ({code.name}): {details}")
+        self.shard = shard
+        self.code = code
+        self.details = details
+
+    def __reduce__(self):
+        return (type(self), (self.shard, self.code, self.details))
+
+
+def shard_error(shard: int, err: grpc.RpcError) -> Exception:
+    """Map a failed call to ShardUnavailable (outage) or ShardCallError (refusal)."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = (err.details() if hasattr(err, "details") else None) or str(err)
+    if code in UNAVAILABLE_CODES:
+        return ShardUnavailable(shard, f"{code.name}: {details}")
+    return ShardCallError(shard, code, details)
+
+
+class GrpcTransport:
+    """Sends each MoE layer's shard batches to the shards' ``ExpertService``.
+
+    Args:
+        addresses: shard -> ``"host:port"``, as a mapping (read again on
+            :meth:`refresh`, so a dict updated in place works) or a callable
+            (e.g. one that asks the shard's Ray actor for its address).
+        wire_dtype: dtype on the wire (``None``: each hidden's own dtype). See the
+            module docstring for the precision of ``torch.bfloat16``.
+        timeout_s: deadline of each call.
+        channel_credentials: ``grpc.ChannelCredentials`` for TLS (``None``: insecure).
+    """
+
+    def __init__(self, addresses: Mapping[int, str] | Callable[[int], str], wire_dtype: torch.dtype | None = None,
+                 timeout_s: float = 30.0, channel_credentials=None, *,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+        if wire_dtype is not None:
+            dtype_name(wire_dtype)  # ValueError for a dtype the wire cannot carry
+        self._addresses = addresses
+        self.wire_dtype = wire_dtype
+        self.timeout_s = timeout_s
+        self._credentials = channel_credentials
+        self._options = grpc_options(max_message_bytes)
+        self._lock = threading.Lock()
+        self._resolved: dict[int, str] = {}
+        self._channels: dict[int, tuple[grpc.Channel, pb_grpc.ExpertServiceStub]] = {}
+        self._closed = False
+
+    # -- channels ----------------------------------------------------------------
+    def address(self, shard: int) -> str:
+        """The address used for ``shard`` (resolved on first use and after :meth:`refresh`)."""
+        with self._lock:
+            addr = self._resolved.get(shard)
+        if addr is not None:
+            return addr
+        try:
+            addr = self._addresses(shard) if callable(self._addresses) else self._addresses[shard]
+        except KeyError:
+            raise ShardUnavailable(shard, "no address known for this shard") from None
+        except ShardUnavailable:
+            raise
+        except Exception as e:
+            raise ShardUnavailable(shard, f"could not resolve its address: {e!r}") from e
+        with self._lock:
+            return self._resolved.setdefault(shard, str(addr))
+
+    def _stub(self, shard: int) -> pb_grpc.ExpertServiceStub:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("GrpcTransport is closed")
+            entry = self._channels.get(shard)
+        if entry is not None:
+            return entry[1]
+        addr = self.address(shard)
+        if self._credentials is not None:
+            channel = grpc.secure_channel(addr, self._credentials, options=self._options)
+        else:
+            channel = grpc.insecure_channel(addr, options=self._options)
+        with self._lock:
+            entry = self._channels.get(shard)
+            if entry is None and not self._closed:
+                entry = self._channels[shard] = (channel, pb_grpc.ExpertServiceStub(channel))
+                channel = None
+        if channel is not None:  # lost a race (or closed meanwhile): keep the existing one
+            channel.close()
+            if entry is None:
+                raise RuntimeError("GrpcTransport is closed")
+        return entry[1]
+
+    def refresh(self, shard: int, address: str | None = None) -> None:
+        """Forget ``shard``'s channel and address (a restarted actor listens on a new port).
+
+        The next call re-resolves the address (or uses ``address`` when given).
+        Calls still in flight on the old channel are cancelled.
+        """
+        with self._lock:
+            entry = self._channels.pop(shard, None)
+            self._resolved.pop(shard, None)
+            if address is not None:
+                self._resolved[shard] = address
+        if entry is not None:
+            entry[0].close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            entries = list(self._channels.values())
+            self._channels.clear()
+        for channel, _ in entries:
+            channel.close()
+
+    def __enter__(self) -> "GrpcTransport":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- data path ---------------------------------------------------------------
+    def submit(self, moe_layer: int, batches: Sequence[ShardBatch], epoch: int) -> "Future[list[torch.Tensor]]":
+        """Send every batch concurrently; the future resolves to one ``[N_i, D]`` output per batch, in order."""
+        result: Future[list[torch.Tensor]] = Future()
+        n = len(batches)
+        if n == 0:
+            result.set_result([])
+            return result
+        outs: list[torch.Tensor | None] = [None] * n
+        left = [n]
+        lock = threading.Lock()
+        calls: list[grpc.Future] = []
+
+        def fail(exc: BaseException) -> None:
+            with lock:
+                if not result.done():
+                    try:
+                        result.set_exception(exc)
+                    except InvalidStateError:  # the caller cancelled it meanwhile
+                        pass
+
+        def on_done(i: int, b: ShardBatch, call: grpc.Future) -> None:
+            if result.done():
+                return
+            try:
+                resp = call.result()
+                y = tensor_from_proto(resp.output)
+                if tuple(y.shape) != tuple(b.hidden.shape):
+                    raise ShardCallError(b.shard, grpc.StatusCode.INTERNAL,
+                                         f"answered shape {list(y.shape)} for a batch of shape "
+                                         f"{list(b.hidden.shape)}")
+                if y.dtype != b.hidden.dtype:
+                    y = y.to(b.hidden.dtype)
+            except grpc.RpcError as e:
+                fail(shard_error(b.shard, e))
+                return
+            except grpc.FutureCancelledError:
+                fail(ShardUnavailable(b.shard, "call cancelled"))
+                return
+            except BaseException as e:  # decoding errors etc. must still resolve the future
+                fail(e)
+                return
+            with lock:
+                if result.done():
+                    return
+                outs[i] = y
+                left[0] -= 1
+                if left[0] == 0:
+                    try:
+                        result.set_result(outs)  # type: ignore[arg-type]
+                    except InvalidStateError:
+                        pass
+
+        for i, b in enumerate(batches):
+            try:
+                stub = self._stub(b.shard)
+                req = pb.ComputeRequest(moe_layer=moe_layer, epoch=epoch, slot_ids=b.slot_ids, counts=b.counts)
+                tensor_to_proto(b.hidden, self.wire_dtype, out=req.hidden)
+                call = stub.Compute.future(req, timeout=self.timeout_s)
+            except ShardUnavailable as e:
+                fail(e)
+                break
+            except ValueError as e:
+                if "closed channel" in str(e):
+                    fail(ShardUnavailable(b.shard, f"channel closed ({e})"))
+                else:
+                    fail(e)
+                break
+            except Exception as e:
+                fail(e)
+                break
+            calls.append(call)
+            call.add_done_callback(lambda c, i=i, b=b: on_done(i, b, c))
+        def cancel_rest(f: Future) -> None:  # first failure (or the caller cancelled): drop the other calls
+            if f.cancelled() or f.exception() is not None:
+                for c in calls:
+                    c.cancel()
+
+        result.add_done_callback(cancel_rest)
+        return result
+
+    # -- control path ------------------------------------------------------------
+    def _unary(self, shard: int, method: str, request, timeout: float | None):
+        stub = self._stub(shard)
+        try:
+            return getattr(stub, method)(request, timeout=timeout or self.timeout_s)
+        except grpc.RpcError as e:
+            raise shard_error(shard, e) from None
+
+    def status(self, shard: int, timeout: float | None = None) -> dict:
+        """The shard's Status reply as a dict (see ``ExpertServer.status``)."""
+        return status_to_dict(self._unary(shard, "Status", pb.StatusRequest(), timeout))
+
+    def load_slots(self, shard: int, assignments: Iterable[tuple[int, int, int]],
+                   timeout: float | None = None) -> int:
+        """Load ``(moe_layer, slot, expert)`` triples on ``shard``; returns bytes loaded."""
+        req = pb.LoadSlotsRequest(slots=[pb.SlotAssignment(moe_layer=l, slot=s, expert=e)
+                                         for l, s, e in assignments])
+        return self._unary(shard, "LoadSlots", req, timeout).bytes_loaded
+
+    def unload_slots(self, shard: int, refs: Iterable[tuple[int, int]], timeout: float | None = None) -> int:
+        """Unload ``(moe_layer, slot)`` pairs on ``shard``; returns how many were loaded."""
+        req = pb.UnloadSlotsRequest(slots=[pb.SlotRef(moe_layer=l, slot=s) for l, s in refs])
+        return self._unary(shard, "UnloadSlots", req, timeout).slots_unloaded

@@ -1,0 +1,128 @@
+"""The engine over gRPC to two expert shards: same greedy tokens as in-process; a dead shard is named."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attention.engine import EngineConfig, LLMEngine
+from attention.sequence import SamplingParams
+from cluster.spec import load_spec
+from expert_actors.server import ExpertServer
+from router_service.dispatch import plan_dispatch
+from router_service.grpc_transport import GrpcTransport
+from router_service.placement import Placement
+from router_service.transport import ShardUnavailable
+
+PROMPT_LENS = [5, 11, 17, 26]
+NEW_TOKENS = 16
+E = 8
+
+
+def _placement(num_moe_layers: int) -> Placement:
+    """2 shards x (E + 2) / 2 slots: each shard holds half the experts plus a copy of one on the other shard."""
+    rows = []
+    for layer in range(num_moe_layers):
+        perm = [(e + 3 * layer) % E for e in range(E)]
+        a, b = perm[:E // 2], perm[E // 2:]
+        rows.append(a + [b[1]] + b + [a[2]])  # b[1] and a[2] have a copy on each shard
+    p = Placement(torch.tensor(rows), num_shards=2)
+    assert p.slots_per_shard == (E + 2) // 2 and int(p.logcnt.max()) == 2
+    return p
+
+
+def _prompts(vocab: int, seed: int = 7) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
+
+
+def _engine(ckpt, **kw) -> LLMEngine:
+    cfg = EngineConfig(dtype="float32", block_size=4, max_num_batched_tokens=24, num_blocks=128)
+    return LLMEngine(ckpt, cfg, **kw)
+
+
+@pytest.fixture(scope="module", params=["mixtral", "deepseek_v3"])
+def cluster(request, hf_models):
+    ckpt, _ = hf_models(request.param)
+    spec = load_spec(ckpt)
+    placement = _placement(spec.num_moe_layers)
+    servers = [ExpertServer(s, spec, ckpt, torch.float32, placement.shard_slots(s)) for s in range(2)]
+    addresses = {s: srv.address for s, srv in enumerate(servers)}
+    transport = GrpcTransport(addresses, timeout_s=10)
+    yield dict(family=request.param, ckpt=ckpt, spec=spec, placement=placement, servers=servers,
+               addresses=addresses, transport=transport)
+    transport.close()
+    for srv in servers:
+        srv.stop(0)
+
+
+def test_engine_over_grpc_matches_in_process(cluster):
+    ckpt, placement, servers = cluster["ckpt"], cluster["placement"], cluster["servers"]
+    remote = _engine(ckpt, transport=cluster["transport"], placement=placement)
+    prompts = _prompts(remote.spec.vocab_size)
+    params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+    got = remote.generate(prompts, params)
+    same_placement = _engine(ckpt, placement=placement).generate(prompts, params)
+    default = _engine(ckpt).generate(prompts, params)
+    assert got == same_placement, cluster["family"]
+    assert got == default, cluster["family"]
+    assert all(len(g) == NEW_TOKENS for g in got)
+    for srv in servers:  # both shards did work, including their copies of the other shard's experts
+        st = srv.status()
+        assert st["requests"] > 0 and st["tokens"] > 0
+
+
+def test_replicated_expert_copies_give_identical_rows(cluster):
+    """The same tokens through either copy of a replicated expert (one per shard) come back bit-identical."""
+    spec, placement, transport = cluster["spec"], cluster["placement"], cluster["transport"]
+    x = torch.randn(6, spec.hidden_size, generator=torch.Generator().manual_seed(2))
+    expert = int(placement.phy2log[0, 4])  # shard 0's extra slot holds a copy of a shard-1 expert
+    slots = placement.log2phy[0, expert][placement.log2phy[0, expert] >= 0].tolist()
+    assert sorted(placement.shard_of(s) for s in slots) == [0, 1]
+    from router_service.transport import ShardBatch
+
+    outs = transport.submit(0, [ShardBatch(placement.shard_of(s), [s], [6], x) for s in slots], 0).result(30)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_stopped_shard_fails_with_shard_unavailable_then_refresh_recovers(cluster):
+    spec, placement, servers, addresses = cluster["spec"], cluster["placement"], cluster["servers"], cluster["addresses"]
+    transport = GrpcTransport(addresses, timeout_s=10)  # its own channels: the other tests keep theirs
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(12, spec.hidden_size, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:spec.moe.top_k] for _ in range(12)])
+    _, batches = plan_dispatch(hidden, ids, placement, 1)
+    assert {b.shard for b in batches} == {0, 1}
+    want = transport.submit(1, batches, 0).result(timeout=30)
+
+    servers[1].stop(0)
+    with pytest.raises(ShardUnavailable) as e:
+        transport.submit(1, batches, 0).result(timeout=30)
+    assert e.value.shard == 1 and "expert shard 1 unavailable" in str(e.value)
+
+    # a replacement shard on a new port: refresh re-reads the (updated) address mapping
+    servers[1] = ExpertServer(1, spec, cluster["ckpt"], torch.float32, placement.shard_slots(1))
+    addresses[1] = servers[1].address
+    with pytest.raises(ShardUnavailable):  # the old channel still points at the dead port
+        transport.submit(1, batches, 0).result(timeout=30)
+    transport.refresh(1)
+    got = transport.submit(1, batches, 0).result(timeout=30)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    cluster["transport"].refresh(1)  # the module's transport follows too
+    transport.close()
+
+
+def test_unknown_shard_and_closed_transport():
+    t = GrpcTransport({0: "127.0.0.1:1"}, timeout_s=5)
+    from router_service.transport import ShardBatch
+
+    with pytest.raises(ShardUnavailable) as e:
+        t.submit(0, [ShardBatch(3, [0], [1], torch.zeros(1, 4))], 0).result(timeout=10)
+    assert e.value.shard == 3 and "no address known" in str(e.value)
+    with pytest.raises(ShardUnavailable) as e:  # nothing listens on port 1: connection refused
+        t.submit(0, [ShardBatch(0, [0], [1], torch.zeros(1, 4))], 0).result(timeout=10)
+    assert e.value.shard == 0 and "UNAVAILABLE" in str(e.value)
+    assert t.submit(0, [], 0).result(timeout=1) == []
+    t.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        t.submit(0, [ShardBatch(0, [0], [1], torch.zeros(1, 4))], 0).result(timeout=10)
