@@ -41,6 +41,25 @@ class ClusterState:
     pid: int
 
 
+def ray_env() -> None:
+    """Ray 2.60 token authentication, on for every process we start or connect from
+    (a driver given an explicit address does not turn it on by itself)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def _connect(address: str, namespace: str) -> None:
+    import ray
+
+    ray_env()
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    if not ray.is_initialized():
+        ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level=logging.WARNING)
+
+
+ray_env()  # before anything imports ray: it reads the auth mode at import time
+
+
 def save_state(state: ClusterState) -> None:
     MOEYARD_HOME.mkdir(parents=True, exist_ok=True)
     STATE_FILE.write_text(json.dumps(asdict(state), indent=2))
@@ -91,6 +110,7 @@ def start_ray_head(cfg: ClusterConfig) -> str:
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
     if ray_bin is None:
         raise RuntimeError("the `ray` command is not installed in this environment")
+    ray_env()
     port = free_port()
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     cmd = [ray_bin, "start", "--head", f"--port={port}", f"--num-cpus={logical_cpus(cfg)}",
@@ -109,8 +129,7 @@ def deploy(cfg: ClusterConfig, ray_address: str, timeout_s: float = 300) -> str:
 
     from cluster.serve_app import APP_NAME, build_app
 
-    if not ray.is_initialized():
-        ray.init(address=ray_address, namespace=cfg.namespace, log_to_driver=False, logging_level=logging.WARNING)
+    _connect(ray_address, cfg.namespace)
     serve.start(proxy_location="Disabled")
     serve.run(build_app(cfg), name=APP_NAME, route_prefix=None, blocking=False)
     addr = serve.get_app_handle(APP_NAME).address.remote().result(timeout_s=timeout_s)
@@ -189,8 +208,7 @@ def down() -> int:
     from cluster.serve_app import APP_NAME
 
     try:
-        ray.init(address=state.ray_address, namespace=state.namespace, log_to_driver=False,
-                 logging_level=logging.WARNING)
+        _connect(state.ray_address, state.namespace)
         serve.delete(APP_NAME)  # drains replicas (graceful_shutdown_timeout_s)
         for actor in ray.util.list_named_actors(all_namespaces=True):
             if actor["namespace"] == state.namespace and actor["name"].startswith(f"{state.namespace}-shard-"):
@@ -215,8 +233,7 @@ def status(as_json: bool) -> int:
 
     from cluster.serve_app import APP_NAME
 
-    ray.init(address=state.ray_address, namespace=state.namespace, log_to_driver=False,
-             logging_level=logging.WARNING)
+    _connect(state.ray_address, state.namespace)
     app = serve.status().applications.get(APP_NAME)
     shards = serve.get_deployment_handle("ShardManager", APP_NAME).status.remote().result(timeout_s=30)
     deployments = {name: {"status": str(d.status.value if hasattr(d.status, "value") else d.status),
@@ -242,11 +259,13 @@ def status(as_json: bool) -> int:
     for name, d in deployments.items():
         t.add_row(name, d["status"], ", ".join(f"{k}: {v}" for k, v in d["replicas"].items()))
     con.print(t)
-    t = Table("shard", "healthy", "address", "slots per MoE layer", "weights MiB", "RSS MiB")
+    t = Table("shard", "healthy", "address", "experts held (slot:expert) per MoE layer", "weights MiB", "RSS MiB")
     for s in shards:
         slots = s.get("slots") or {}
-        t.add_row(str(s.get("shard_id")), str(s.get("healthy")), str(s.get("address", "-")),
-                  "; ".join(f"L{k}: {v}" for k, v in sorted(slots.items(), key=lambda kv: int(kv[0]))[:4]),
+        rows = []
+        for layer, held in sorted(slots.items(), key=lambda kv: int(kv[0])):
+            rows.append(f"L{layer} " + " ".join(f"{p}:{e}" for p, e in sorted(held.items(), key=lambda kv: int(kv[0]))))
+        t.add_row(str(s.get("shard_id")), str(s.get("healthy")), str(s.get("address", "-")), "\n".join(rows),
                   f"{s.get('weight_bytes', 0) / 2**20:.1f}", f"{s.get('rss_bytes', 0) / 2**20:.1f}")
     con.print(t)
     return 0
