@@ -111,6 +111,10 @@ def start_ray_head(cfg: ClusterConfig) -> str:
     if ray_bin is None:
         raise RuntimeError("the `ray` command is not installed in this environment")
     ray_env()
+    if not (Path.home() / ".ray" / "auth_token").is_file() and not os.environ.get("RAY_AUTH_TOKEN"):
+        # `ray start` needs a token to exist; generate one (its output is the token: never logged)
+        subprocess.run([ray_bin, "get-auth-token", "--generate"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=60, check=True)
     port = free_port()
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     cmd = [ray_bin, "start", "--head", f"--port={port}", f"--num-cpus={logical_cpus(cfg)}",

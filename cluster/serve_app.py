@@ -58,6 +58,7 @@ class ShardManager:
         self.placement = initial_placement(self.cfg, self.spec)
         dtype = _dtype_name(self.cfg, self.spec)
         for shard in range(self.placement.num_shards):
+            _kill_named(shard_actor_name(self.cfg, shard), self.cfg.namespace)  # stale shard of an earlier deploy
             self.actors.append(create_shard_actor(
                 shard, str(self.cfg.model_dir()), self.placement.shard_slots(shard), dtype,
                 host="127.0.0.1", num_threads=self.cfg.torch_threads, num_cpus=self.cfg.shard_num_cpus,
@@ -65,6 +66,14 @@ class ShardManager:
                 detached=True))
         await asyncio.wait_for(asyncio.gather(*[a.ready.remote() for a in self.actors]), timeout=300)
         log.info("%d expert shards ready", len(self.actors))
+
+    def __del__(self):
+        # graceful shutdown of the app (serve.delete, redeploy): the shards go with it
+        for actor in getattr(self, "actors", []):
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:
+                pass
 
     async def placement_info(self) -> dict | None:
         p = self.placement
@@ -86,6 +95,21 @@ class ShardManager:
                 st = {"shard_id": shard, "healthy": False, "error": f"{type(e).__name__}: {e}"}
             out.append(st)
         return out
+
+
+def _kill_named(name: str, namespace: str) -> None:
+    try:
+        actor = ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the name is released once the actor is dead
+        try:
+            ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            return
+        time.sleep(0.1)
 
 
 def _resolver(cfg: ClusterConfig):

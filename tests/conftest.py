@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 
-import pytest
+# Ray 2.60 reads its auth mode when it is imported: token auth on, as in production.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+import pytest  # noqa: E402
 import torch
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "llama", "qwen2"]
@@ -93,3 +96,20 @@ def hf_models(tmp_path_factory):
         return cache[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def ray_serve():
+    """One local Ray cluster (and Serve, proxies off) for the whole test session."""
+    import ray
+    from ray import serve
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=200 << 20)
+    serve.start(proxy_location="Disabled")
+    yield ray
+    serve.shutdown()
+    if started:
+        ray.shutdown()
