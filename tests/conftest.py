@@ -113,3 +113,12 @@ def ray_serve():
     serve.shutdown()
     if started:
         ray.shutdown()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: drives the `moeyard` command end to end; runs last (it stops Ray)")
+
+
+def pytest_collection_modifyitems(config, items):
+    # `moeyard down` runs `ray stop`, which ends every Ray process of this machine: run those tests last
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)

@@ -1,0 +1,62 @@
+"""The README's flow: `moeyard up --detach`, `moeyard generate --addr`, `moeyard status`, `moeyard down`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+BIN = Path(sys.executable).parent / "moeyard"
+
+
+def _run(args, env, timeout=300):
+    return subprocess.run([str(BIN), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_up_generate_status_down(tmp_path):
+    import ray
+
+    if ray.is_initialized():  # this session's own test cluster; `down` would stop it anyway
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home))
+    up = _run(["up", "--detach", "--attention-replicas", "1", "--dtype", "float32"], env)
+    assert up.returncode == 0, up.stdout + up.stderr
+    first = up.stdout.splitlines()[0]
+    assert first.startswith("API 127.0.0.1:"), up.stdout
+    addr = first.split()[1]
+    token_file = home / ".moeyard" / "token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    try:
+        gen = _run(["generate", "--addr", addr, "--token-ids", "5,6,7,8", "--max-new-tokens", "6",
+                    "--ignore-eos", "--json"], env)
+        assert gen.returncode == 0, gen.stderr
+        out = json.loads(gen.stdout.strip().splitlines()[-1])
+        local = _run(["generate", "--model", str(home / ".moeyard" / "models" / "demo-mixtral"),
+                      "--token-ids", "5,6,7,8", "--max-new-tokens", "6", "--ignore-eos", "--dtype", "float32", "--json"], env)
+        assert out["token_ids"] == json.loads(local.stdout.strip().splitlines()[-1])["token_ids"]
+        no_token = _run(["generate", "--addr", addr, "--token", "nope", "--token-ids", "5", "--json"], env)
+        assert no_token.returncode == 1 and "UNAUTHENTICATED" in no_token.stderr
+        status = _run(["status", "--json"], env)
+        assert status.returncode == 0, status.stderr
+        report = json.loads(status.stdout.strip().splitlines()[-1])
+        assert report["api_health"] == "SERVING"
+        assert [s["healthy"] for s in report["shards"]] == [True, True]
+        token = token_file.read_text().strip()
+        for text in (up.stdout, up.stderr, gen.stdout, gen.stderr, status.stdout):
+            assert token not in text
+    finally:
+        down = _run(["down"], env)
+        assert down.returncode == 0, down.stderr
+    assert not (home / ".moeyard" / "state.json").exists()
