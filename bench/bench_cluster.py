@@ -1,0 +1,132 @@
+"""Cluster vs in-process engine on the bench model, side by side in one run.
+
+    .venv/bin/python -m bench.bench_cluster [--batches 1,16,64] [--new-tokens 32]
+
+(a) the in-process engine (all experts local), (b) the cluster with 1
+attention replica and 4 expert shards, overlap off, (c) the same with overlap
+on. Same prompts (the bench workload, seed 1234), greedy, EOS ignored, bf16.
+Decode throughput uses the same subtraction as bench_engine
+(``B * (N - 1) / (t(N) - t(1))``); inter-token latency is the median gap
+between streamed chunks of a request (cluster) or between steps (in-process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from bench.common import ensure_bench_model, workload
+
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def _engine_run(engine, prompts, n_new):
+    from attention.sequence import SamplingParams
+
+    params = SamplingParams(max_tokens=n_new, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"b{time.monotonic_ns()}-{i}", p, params)
+    gaps, last = [], None
+    t0 = time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+        now = time.perf_counter()
+        if last is not None:
+            gaps.append(now - last)
+        last = now
+    return time.perf_counter() - t0, gaps
+
+
+async def _cluster_run(addr, token, prompts, n_new):
+    from moeyard.client import AsyncMoeyardClient
+
+    client = AsyncMoeyardClient(addr, token=token, timeout=600)
+    gaps: list[float] = []
+
+    async def one(p):
+        last = None
+        async for _ in client.generate(p, max_new_tokens=n_new, ignore_eos=True):
+            now = time.perf_counter()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*[one(p) for p in prompts])
+    dt = time.perf_counter() - t0
+    await client.close()
+    return dt, gaps
+
+
+def _measure(run, prompts, n_new):
+    t_one, _ = run(prompts, 1)
+    t_full, gaps = run(prompts, n_new)
+    b = len(prompts)
+    return {"tok_s": b * n_new / t_full, "decode_tok_s": b * (n_new - 1) / max(t_full - t_one, 1e-9),
+            "itl_ms_median": 1000 * statistics.median(gaps) if gaps else None}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--shards", type=int, default=4)
+    args = ap.parse_args(argv)
+    import ray
+    from ray import serve
+
+    from attention.engine import EngineConfig, LLMEngine
+    from cluster.config import ClusterConfig, EngineSettings
+    from cluster.serve_app import APP_NAME, build_app
+
+    path = ensure_bench_model()
+    batches = [int(x) for x in args.batches.split(",")]
+    prompts_all = workload(n_prompts=max(batches))
+    torch.set_num_threads(os.cpu_count())
+    engine = LLMEngine(path, EngineConfig(dtype="bfloat16", max_num_seqs=max(batches)))
+    results = {"a_in_process": {}, "b_cluster_overlap_off": {}, "c_cluster_overlap_on": {}}
+    for b in batches:
+        _engine_run(engine, prompts_all[:b], 2)  # warm-up
+        results["a_in_process"][b] = _measure(lambda p, n: _engine_run(engine, p, n), prompts_all[:b], args.new_tokens)
+        print("in-process", b, results["a_in_process"][b], flush=True)
+    del engine
+
+    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)
+    serve.start(proxy_location="Disabled")
+    token_file = "/tmp/moeyard-bench-token"
+    with open(token_file, "w") as f:
+        f.write("bench-token")
+    try:
+        for key, overlap in (("b_cluster_overlap_off", False), ("c_cluster_overlap_on", True)):
+            cfg = ClusterConfig(model=str(path), dtype="bfloat16", expert_shards=args.shards,
+                                redundant_slots_per_shard=0, attention_replicas=1, overlap=overlap,
+                                torch_threads=1, api_token_file=token_file,
+                                engine=EngineSettings(max_num_seqs=max(batches)))
+            serve.run(build_app(cfg), name=APP_NAME, route_prefix=None)
+            addr = serve.get_app_handle(APP_NAME).address.remote().result(timeout_s=300)
+            for b in batches:
+                run = lambda p, n: asyncio.run(_cluster_run(addr, "bench-token", p, n))  # noqa: E731
+                run(prompts_all[:b], 2)
+                results[key][b] = _measure(run, prompts_all[:b], args.new_tokens)
+                print(key, b, results[key][b], flush=True)
+            serve.delete(APP_NAME)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    for b in batches:
+        a, c = results["a_in_process"][b], results["c_cluster_overlap_on"][b]
+        print(f"batch {b:3d}: decode tok/s in-process {a['decode_tok_s']:7.1f} | cluster overlap off "
+              f"{results['b_cluster_overlap_off'][b]['decode_tok_s']:7.1f} | on {c['decode_tok_s']:7.1f} "
+              f"({c['decode_tok_s'] / a['decode_tok_s']:.2f}x of in-process)")
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
