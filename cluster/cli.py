@@ -106,8 +106,10 @@ def _add_cluster(sub) -> None:
     p.add_argument("--api-port", type=int)
     p.add_argument("--api-host", help="bind address of the API (default 127.0.0.1)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"])
-    p.add_argument("--no-overlap", dest="overlap", action="store_false", default=None,
-                   help="turn off micro-batch overlap of attention and expert round trips")
+    p.add_argument("--overlap", dest="overlap", action="store_true", default=None,
+                   help="overlap attention of one micro-batch with the other's expert round trip")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="one batch per step (the default)")
     p.add_argument("--no-auth", dest="require_auth", action="store_false", default=None,
                    help="serve the API without a token (never do this off loopback)")
     p.add_argument("--address", help="join this Ray cluster instead of starting a head")

@@ -49,7 +49,9 @@ class ClusterConfig(BaseModel):
 
     attention_replicas: int = Field(2, ge=1)
     replica_num_cpus: float = Field(1.0, gt=0)
-    overlap: bool = True
+    overlap: bool = False
+    """Ping-pong micro-batches. Off by default: on small CPU hosts where shards and replicas share
+    cores it measured slower (docs/benchmarks.md); turn it on where shards have their own devices."""
     wire_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     torch_threads: int = Field(1, ge=1, description="torch threads per process (shards and replicas)")
     engine: EngineSettings = EngineSettings()

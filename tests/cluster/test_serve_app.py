@@ -69,11 +69,11 @@ def test_cluster_equals_in_process_engine(family, hf_models, ray_serve, tmp_path
     assert asyncio.run(_generate_all(addr, prompts)) == _reference(ckpt, prompts)
 
 
-def test_overlap_off_and_another_placement_give_the_same_tokens(hf_models, ray_serve, tmp_path):
+def test_overlap_on_and_another_placement_give_the_same_tokens(hf_models, ray_serve, tmp_path):
     ckpt, _ = hf_models("mixtral")
     prompts = _prompts(256)
     expected = _reference(ckpt, prompts)
-    assert asyncio.run(_generate_all(_deploy(ckpt, tmp_path, overlap=False), prompts)) == expected
+    assert asyncio.run(_generate_all(_deploy(ckpt, tmp_path, overlap=True), prompts)) == expected
     # experts dealt in reverse, two hot copies on the other shard
     other = [[7, 6, 5, 4, 0, 3, 2, 1, 0, 7]] * 2
     assert asyncio.run(_generate_all(_deploy(ckpt, tmp_path, placement=other), prompts)) == expected
