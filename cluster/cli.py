@@ -9,7 +9,6 @@ import sys
 import uuid
 from pathlib import Path
 
-DEFAULT_DEMO_DIR = Path.home() / ".moeyard" / "models" / "demo-mixtral"
 
 
 def _csv_ints(text: str) -> list[int]:
@@ -58,7 +57,9 @@ def cmd_generate(args) -> int:
 
     if args.addr:
         return _generate_remote(args)
-    model = args.model or DEFAULT_DEMO_DIR
+    from cluster.config import DEMO_MODEL_DIR
+
+    model = args.model or DEMO_MODEL_DIR
     if not (Path(model) / "config.json").is_file():
         print(f"error: {model} is not a checkpoint directory (no config.json); "
               "make one with `moeyard make-model`", file=sys.stderr)
