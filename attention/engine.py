@@ -29,7 +29,7 @@ from cluster.spec import ModelSpec, load_spec
 from router_service.dispatch import ExpertDispatcher
 from router_service.gate import GateConfig
 from router_service.moe_router import GateParams, MoERouter
-from router_service.placement import Placement, round_robin_placement
+from router_service.placement import ExpertsUnavailable, Placement, round_robin_placement
 from router_service.transport import ExpertTransport, InProcessTransport
 
 log = logging.getLogger(__name__)
@@ -190,6 +190,26 @@ class LLMEngine:
                 return [pairs[:i + 1], pairs[i + 1:]]
         return [pairs[:-1], pairs[-1:]]
 
+    def _fail_unroutable(self, e: ExpertsUnavailable, groups) -> list[RequestOutput]:
+        """Some tokens of this step need experts with no reachable copy: fail the
+        requests they belong to; the others did not advance and run again next step."""
+        if e.rows is None or e.microbatch is None:
+            victims = [seq for group in groups for seq, _ in group]
+        else:
+            rows, victims, start = set(e.rows), [], 0
+            for seq, n in groups[e.microbatch]:
+                if any(r in rows for r in range(start, start + n)):
+                    victims.append(seq)
+                start += n
+        log.warning("failing %d request(s): %s", len(victims), e)
+        outputs = []
+        for seq in victims:
+            self.scheduler.finish(seq, "error")
+            self._seqs.pop(seq.request_id, None)
+            outputs.append(RequestOutput(seq.request_id, [], True, "error", len(seq.prompt_token_ids),
+                                         len(seq.output_token_ids), error=str(e)))
+        return outputs
+
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if batch.empty:
@@ -201,7 +221,10 @@ class LLMEngine:
             mb, group_sampled = self._inputs(group)
             mbs.append(mb)
             sampled.extend(group_sampled)
-        logits = self.runner.forward_microbatches(mbs)
+        try:
+            logits = self.runner.forward_microbatches(mbs)
+        except ExpertsUnavailable as e:
+            return self._fail_unroutable(e, groups)
         for seq, n in zip(batch.seqs, batch.num_new):
             seq.num_computed += n
             if not seq.prefix_registered and seq.num_computed >= len(seq.prompt_token_ids):

@@ -13,6 +13,7 @@ from attention.weights import AttentionModelWeights, FFNWeights
 from cluster.spec import ModelSpec
 from expert_actors.expert_compute import swiglu
 from router_service.moe_router import MoERouter
+from router_service.placement import ExpertsUnavailable
 
 
 def _mlp(x: torch.Tensor, w: FFNWeights) -> torch.Tensor:
@@ -86,18 +87,23 @@ class ModelRunner:
         eps = self.spec.rms_norm_eps
         hs = [self.w.embed[ids] for ids, _, _ in mbs]
         pending: list[tuple[int, torch.Tensor, object] | None] = [None] * len(mbs)
-        for layer, lw in enumerate(self.w.layers):
-            for i, (_, meta, _) in enumerate(mbs):
-                if pending[i] is not None:
-                    pl, px, started = pending[i]
-                    hs[i] = hs[i] + self._finish_ffn(pl, px, started)
-                    pending[i] = None
-                hs[i] = self._attention(layer, hs[i], meta)
-                x = rms_norm(hs[i], lw.post_norm, eps)
-                pending[i] = (layer, x, self._submit_ffn(layer, x))
-        out = []
-        for i, (_, _, rows) in enumerate(mbs):
-            pl, px, started = pending[i]
-            hs[i] = hs[i] + self._finish_ffn(pl, px, started)
-            out.append(self._logits(hs[i], rows))
+        i = 0
+        try:
+            for layer, lw in enumerate(self.w.layers):
+                for i, (_, meta, _) in enumerate(mbs):
+                    if pending[i] is not None:
+                        pl, px, started = pending[i]
+                        hs[i] = hs[i] + self._finish_ffn(pl, px, started)
+                        pending[i] = None
+                    hs[i] = self._attention(layer, hs[i], meta)
+                    x = rms_norm(hs[i], lw.post_norm, eps)
+                    pending[i] = (layer, x, self._submit_ffn(layer, x))
+            out = []
+            for i, (_, _, rows) in enumerate(mbs):
+                pl, px, started = pending[i]
+                hs[i] = hs[i] + self._finish_ffn(pl, px, started)
+                out.append(self._logits(hs[i], rows))
+        except ExpertsUnavailable as e:
+            e.microbatch = i  # which micro-batch's rows ``e.rows`` refers to
+            raise
         return out[0] if len(out) == 1 else torch.cat(out, dim=0)

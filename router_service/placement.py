@@ -14,7 +14,17 @@ import torch
 
 
 class ExpertsUnavailable(RuntimeError):
-    """Some routed experts have no reachable copy right now."""
+    """Some routed experts have no reachable copy right now.
+
+    ``rows`` are the token rows (of the layer's batch) routed to them, so the
+    engine can fail only the requests those tokens belong to; ``microbatch``
+    is set by the model runner.
+    """
+
+    def __init__(self, message: str, rows: list[int] | None = None):
+        super().__init__(message)
+        self.rows = rows
+        self.microbatch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -105,8 +115,9 @@ class Placement:
         cnt = self.logcnt[moe_layer][ids]
         if self.excluded_shards and bool((cnt == 0).any()):
             lost = sorted(set(ids[cnt == 0].tolist()))
+            rows = (cnt == 0).any(dim=1).nonzero().flatten().tolist()
             raise ExpertsUnavailable(f"experts {lost} of MoE layer {moe_layer} have no reachable copy "
-                                     f"(shards {sorted(self.excluded_shards)} are down)")
+                                     f"(shards {sorted(self.excluded_shards)} are down)", rows)
         tok = torch.arange(ids.shape[0]).unsqueeze(1).expand_as(ids)
         return self.log2phy[moe_layer][ids, tok % cnt]
 

@@ -61,3 +61,54 @@ def test_no_copy_left_fails_that_layer(hf_models):
     placement, inner, x, ids, w = _setup(hf_models, phy2log, 2)
     with pytest.raises(ExpertsUnavailable, match="no reachable copy"):
         ExpertDispatcher(placement, FlakyTransport(inner, dead={1}))(0, x, w, ids)
+
+
+def _patch_routing(engine, prompt_a, prompt_b):
+    """Route request A's tokens to expert 7 and keep every other token off it."""
+    real_route = engine.router.route
+
+    def route(moe_layer, hidden):
+        weights, ids = real_route(moe_layer, hidden)
+        ids = ids.clone()
+        other = torch.where(ids[:, 0] == 6, 5, 6)  # a substitute that is not the row's other expert
+        ids = torch.where(ids == 7, other.unsqueeze(1).expand_as(ids), ids)
+        if "A" in engine._seqs:  # A's rows come first in every step A is part of
+            rows_a = len(prompt_a) if hidden.shape[0] == len(prompt_a) + len(prompt_b) else 1
+            ids[:rows_a, 0] = 7
+        return weights, ids
+
+    engine.router.route = route
+
+
+def test_lost_expert_fails_only_the_requests_routed_to_it(hf_models):
+    """Request A's tokens need expert 7, whose only copy is on a dead shard; request B
+    never does: A ends with an error, B completes with the tokens it gets when healthy."""
+    from attention.engine import EngineConfig, LLMEngine
+    from attention.sequence import SamplingParams
+
+    ckpt, _ = hf_models("mixtral")
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    prompt_a, prompt_b = [5, 6, 7, 8, 9], [11, 12, 13]
+    healthy = LLMEngine(ckpt, EngineConfig(dtype="float32"))
+    _patch_routing(healthy, prompt_a, prompt_b)
+    expected_b = healthy.generate([prompt_b], params)[0]
+
+    spec = load_spec(ckpt)
+    # shard 1 holds copies of experts 0-6 and the only copy of expert 7
+    placement = Placement(torch.tensor([[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 5, 6, 7, 0]] * 2), 2)
+    inner = build_local_experts(ckpt, spec, placement, torch.float32, CheckpointReader(ckpt))
+    engine = LLMEngine(ckpt, EngineConfig(dtype="float32"), transport=FlakyTransport(inner, dead={1}),
+                       placement=placement)
+    _patch_routing(engine, prompt_a, prompt_b)
+    engine.add_request("A", prompt_a, params)
+    engine.add_request("B", prompt_b, params)
+    outs: dict[str, list] = {"A": [], "B": []}
+    errors = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs[o.request_id].extend(o.new_token_ids)
+            if o.error:
+                errors[o.request_id] = o.error
+    assert "no reachable copy" in errors.get("A", "")
+    assert "B" not in errors
+    assert outs["B"] == expected_b
