@@ -161,6 +161,86 @@ def _generate_remote(args) -> int:
     return 0
 
 
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="plan an expert placement for a load matrix (no cluster needed)")
+    p.add_argument("--load", type=Path, required=True,
+                   help="JSON file: an array of L arrays of E numbers (tokens per layer and expert)")
+    p.add_argument("--shards", type=int, required=True, help="number of expert shards N")
+    p.add_argument("--slots-per-shard", type=int, required=True, help="slots per shard S (N * S >= E)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_plan)
+
+
+def _read_load_file(path: Path) -> list[list[float]]:
+    """A JSON array of L arrays of E non-negative numbers, or ValueError."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"cannot read load file {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ValueError(f"load file {path} is not valid JSON: {e}") from None
+    if not isinstance(data, list) or not data or not all(isinstance(r, list) for r in data):
+        raise ValueError(f"load file {path} must hold a non-empty JSON array of L arrays of E numbers")
+    width = len(data[0])
+    if width == 0:
+        raise ValueError(f"load file {path}: layer 0 has no experts")
+    for i, row in enumerate(data):
+        if len(row) != width:
+            raise ValueError(f"load file {path} is not rectangular: layer {i} has {len(row)} experts, "
+                             f"layer 0 has {width}")
+        for j, x in enumerate(row):
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                raise ValueError(f"load file {path}: load[{i}][{j}] = {x!r} is not a number")
+            if x != x or x in (float("inf"), float("-inf")):
+                raise ValueError(f"load file {path}: load[{i}][{j}] is not finite")
+            if x < 0:
+                raise ValueError(f"load file {path}: load[{i}][{j}] = {x} is negative")
+    return data
+
+
+def cmd_plan(args) -> int:
+    from router_service.placement import round_robin_placement
+    from router_service.planner import balancedness, placement_shard_load, plan_placement
+
+    try:
+        if args.shards < 1 or args.slots_per_shard < 1:
+            raise ValueError(f"--shards and --slots-per-shard must be >= 1, got {args.shards} and "
+                             f"{args.slots_per_shard}")
+        load = _read_load_file(args.load)
+        L, E = len(load), len(load[0])
+        if args.shards * args.slots_per_shard < E:
+            raise ValueError(f"{args.shards} shards x {args.slots_per_shard} slots = "
+                             f"{args.shards * args.slots_per_shard} slots, fewer than experts ({E})")
+        before = round_robin_placement(L, E, args.shards, args.slots_per_shard)
+        after = plan_placement(load, args.shards, args.slots_per_shard)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    bal_before = balancedness(placement_shard_load(load, before)).tolist()
+    bal_after = balancedness(placement_shard_load(load, after)).tolist()
+    if args.json:
+        print(json.dumps({
+            "balancedness_before": min(bal_before),
+            "balancedness_after": min(bal_after),
+            "phy2log": after.phy2log.tolist(),
+            "logcnt": after.logcnt.tolist(),
+            "slot_to_shard": [p // after.slots_per_shard for p in range(after.num_slots)],
+            "num_shards": after.num_shards,
+            "slots_per_shard": after.slots_per_shard,
+            "balancedness_before_per_layer": bal_before,
+            "balancedness_after_per_layer": bal_after,
+        }))
+        return 0
+    print(f"{L} layers x {E} experts onto {args.shards} shards x {args.slots_per_shard} slots "
+          f"({after.num_slots - E} redundant)")
+    print(f"{'layer':>5}  {'before':>8}  {'after':>8}  {'max copies':>10}")
+    for layer in range(L):
+        print(f"{layer:>5}  {bal_before[layer]:>8.4f}  {bal_after[layer]:>8.4f}  "
+              f"{int(after.logcnt[layer].max()):>10}")
+    print(f"{'min':>5}  {min(bal_before):>8.4f}  {min(bal_after):>8.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeyard", description="Expert-parallel MoE serving")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -168,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_model(sub)
     _add_generate(sub)
     _add_cluster(sub)
+    _add_plan(sub)
     return parser
 
 
