@@ -450,7 +450,6 @@ def _self_signed_cert() -> tuple[bytes, bytes]:
     import datetime
     import ipaddress
 
-    pytest.importorskip("cryptography")
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec

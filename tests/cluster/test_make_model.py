@@ -23,7 +23,7 @@ from cluster.make_model import (
 from cluster.spec import SUPPORTED_FAMILIES, load_spec, spec_from_config
 from cluster.tokenizer_builder import BOS_ID, EOS_ID, UNK_ID, build_tokenizer
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (the test extra installs it: the reference oracle)
 transformers.logging.set_verbosity_error()
 
 TINY = dict(layers=3, hidden=64, intermediate=128, experts=8, top_k=2, heads=4, kv_heads=2, vocab=300,
