@@ -113,16 +113,12 @@ def _kill_named(name: str, namespace: str) -> None:
 
 
 def _resolver(cfg: ClusterConfig):
+    """Shard address lookup for the transport. Runs on the router's thread, so it is
+    quick: a shard that is restarting fails the lookup (the transport reports it
+    unavailable and the dispatcher uses other copies) rather than stalling every request."""
     def resolve(shard: int) -> str:
         actor = ray.get_actor(shard_actor_name(cfg, shard), namespace=cfg.namespace)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                return ray.get(actor.address.remote(), timeout=10)
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+        return ray.get(actor.address.remote(), timeout=3)
     return resolve
 
 
