@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from attention.kv_cache import KVCache
-from attention.rope import RotaryEmbedding
+from attention.rope import RotaryEmbedding, yarn_mscale
 from attention.weights import GQAWeights, MLAWeights
 from cluster.spec import ModelSpec
 
@@ -127,7 +127,7 @@ def mla_softmax_scale(spec: ModelSpec) -> float:
     m, r = spec.mla, spec.rope
     scale = m.qk_head_dim ** -0.5
     if r.rope_type == "yarn" and r.mscale_all_dim:
-        ms = 0.1 * r.mscale_all_dim * torch.log(torch.tensor(r.factor)).item() + 1.0 if r.factor > 1 else 1.0
+        ms = yarn_mscale(r.factor, r.mscale_all_dim)
         scale = scale * ms * ms
     return scale
 

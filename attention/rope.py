@@ -15,7 +15,7 @@ import torch
 from cluster.spec import RopeSpec
 
 
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
@@ -44,9 +44,9 @@ def inv_freq_and_scale(rope: RopeSpec, dim: int, max_position_embeddings: int) -
         if rope.attention_factor is not None:
             scale = float(rope.attention_factor)
         elif rope.mscale and rope.mscale_all_dim:
-            scale = _yarn_mscale(factor, rope.mscale) / _yarn_mscale(factor, rope.mscale_all_dim)
+            scale = yarn_mscale(factor, rope.mscale) / yarn_mscale(factor, rope.mscale_all_dim)
         else:
-            scale = _yarn_mscale(factor)
+            scale = yarn_mscale(factor)
 
         def corr_dim(rot: float) -> float:
             return (dim * math.log(old / (rot * 2 * math.pi))) / (2 * math.log(base))

@@ -18,16 +18,9 @@ import time
 import numpy as np
 import torch
 
+from router_service.synthetic_load import zipf_load
 from router_service.placement import round_robin_placement
 from router_service.planner import count_moves, greedy_baseline, min_balancedness, plan_placement
-
-
-def zipf_load(L: int, E: int, s: float = 1.2, seed: int = 0, tokens: int = 1 << 20) -> torch.Tensor:
-    rng = np.random.default_rng(seed)
-    base = 1.0 / np.arange(1, E + 1) ** s
-    base /= base.sum()
-    return torch.tensor(np.stack([rng.multinomial(tokens, rng.permutation(base)) for _ in range(L)]),
-                        dtype=torch.float64)
 
 
 def main(argv=None) -> int:
@@ -42,7 +35,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     L, E, N, S = args.layers, args.experts, args.shards, args.slots_per_shard
-    load = zipf_load(L, E, args.zipf)
+    load = zipf_load(L, E, args.zipf, tokens=1 << 20)
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()

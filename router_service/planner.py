@@ -222,8 +222,15 @@ def _swap_pairs(assign, w, has, a, b) -> torch.Tensor:
     go = torch.isfinite(score.gather(2, best[:, :, None]).squeeze(2))
     if not bool(go.any()):
         return go.any(dim=1)
-    lr, ga, gb, bb = rows[go], a[go], b[go], best[go]
-    i, j = bb // S, bb % S
+    lr, bb = rows[go], best[go]
+    _apply_swaps(assign, w, has, lr, a[go], bb // S, b[go], bb % S)
+    return go.any(dim=1)
+
+
+def _apply_swaps(assign: torch.Tensor, w: torch.Tensor, has: torch.Tensor, lr: torch.Tensor,
+                 ga: torch.Tensor, i: torch.Tensor, gb: torch.Tensor, j: torch.Tensor) -> None:
+    """In place: swap copy ``(lr, ga, i)`` with copy ``(lr, gb, j)`` (one swap per listed layer)
+    in ``assign``/``w [L, N, S]`` and keep ``has [L, N, E]`` (copies per shard) in step."""
     e1, e2 = assign[lr, ga, i].clone(), assign[lr, gb, j].clone()
     w1, w2 = w[lr, ga, i].clone(), w[lr, gb, j].clone()
     assign[lr, ga, i], assign[lr, gb, j] = e2, e1
@@ -232,7 +239,6 @@ def _swap_pairs(assign, w, has, a, b) -> torch.Tensor:
     has[lr, ga, e2] += 1
     has[lr, gb, e2] -= 1
     has[lr, gb, e1] += 1
-    return go.any(dim=1)
 
 
 def _improve(assign: torch.Tensor, w: torch.Tensor, has: torch.Tensor, rounds: int = _MAX_IMPROVE_ROUNDS) -> None:
@@ -269,16 +275,8 @@ def _improve(assign: torch.Tensor, w: torch.Tensor, has: torch.Tensor, rounds: i
         if not bool(go.any()):
             break
         k = best // (S * S)
-        lr, hh, kk, bb = rows[go], h[go], k[go], best[go]
-        i, j = (bb // S) % S, bb % S
-        e1, e2 = assign[lr, hh, i].clone(), assign[lr, kk, j].clone()
-        w1, w2 = w[lr, hh, i].clone(), w[lr, kk, j].clone()
-        assign[lr, hh, i], assign[lr, kk, j] = e2, e1
-        w[lr, hh, i], w[lr, kk, j] = w2, w1
-        has[lr, hh, e1] -= 1
-        has[lr, hh, e2] += 1
-        has[lr, kk, e2] -= 1
-        has[lr, kk, e1] += 1
+        bb = best[go]
+        _apply_swaps(assign, w, has, rows[go], h[go], (bb // S) % S, k[go], bb % S)
 
 
 def _relabel(assign: torch.Tensor, current: Placement) -> torch.Tensor:

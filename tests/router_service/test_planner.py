@@ -7,18 +7,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from router_service.synthetic_load import zipf_load
 from router_service.placement import Placement, round_robin_placement
 from router_service.planner import (balancedness, count_moves, greedy_baseline, min_balancedness,
                                     placement_shard_load, plan_placement)
-
-
-def zipf_load(L: int, E: int, s: float = 1.2, seed: int = 0, tokens: int = 1 << 16) -> torch.Tensor:
-    """``[L, E]`` tokens: Zipf(s) popularity, a random expert order per layer, multinomial counts."""
-    rng = np.random.default_rng(seed)
-    base = 1.0 / np.arange(1, E + 1) ** s
-    base /= base.sum()
-    return torch.tensor(np.stack([rng.multinomial(tokens, rng.permutation(base)) for _ in range(L)]),
-                        dtype=torch.float64)
 
 
 def check_invariants(p: Placement, L: int, E: int, N: int, S: int) -> None:
