@@ -268,7 +268,7 @@ def status(as_json: bool) -> int:
         slots = s.get("slots") or {}
         rows = []
         for layer, held in sorted(slots.items(), key=lambda kv: int(kv[0])):
-            rows.append(f"L{layer} " + " ".join(f"{p}:{e}" for p, e in sorted(held.items(), key=lambda kv: int(kv[0]))))
+            rows.append(f"L{layer} " + " ".join(f"{p}:{e}" for p, e in held))
         t.add_row(str(s.get("shard_id")), str(s.get("healthy")), str(s.get("address", "-")), "\n".join(rows),
                   f"{s.get('weight_bytes', 0) / 2**20:.1f}", f"{s.get('rss_bytes', 0) / 2**20:.1f}")
     con.print(t)

@@ -5,21 +5,28 @@ An :class:`ExpertServer` holds the expert weights of one shard
 the checkpoint, and answers:
 
 - ``Compute``: the grouped SwiGLU for one MoE layer's tokens, grouped by slot;
-- ``LoadSlots`` / ``UnloadSlots``: change the slots it holds (a placement move);
-- ``Status``: slots, weight bytes, RSS, counters;
+- ``LoadSlots`` / ``UnloadSlots``: change the slots it holds (a placement move;
+  with ``stage`` a new expert copy joins a slot next to the old one for a live
+  migration, and an ``UnloadSlots`` naming the old expert releases it);
+- ``Status``: every ``(slot, expert)`` copy held, weight bytes, RSS, counters;
 - ``grpc.health.v1.Health``: SERVING once its slots are loaded.
 
 Every error becomes a status code with a message that names the problem
-(``NOT_FOUND`` for a slot the shard does not hold, ``INVALID_ARGUMENT`` for a
-malformed request, ``FAILED_PRECONDITION`` for a checkpoint that lacks a
-tensor, ``INTERNAL`` for anything else); no request can kill the server.
+(``NOT_FOUND`` for a slot that does not hold the expert the router named — its
+placement epoch is stale — or a slot the shard does not hold,
+``INVALID_ARGUMENT`` for a malformed request, ``FAILED_PRECONDITION`` for a
+checkpoint that lacks a tensor, a legacy request that names no expert for a
+slot holding two copies, or a third copy staged into one slot, ``INTERNAL``
+for anything else); no request can kill the server.
 
 Threading: requests are decoded and encoded on gRPC's worker threads in
-parallel, but the grouped FFN and slot changes hold one lock: compute calls on
-one shard would only compete for the same cores, and the lock keeps a
-``LoadSlots`` from interleaving with a ``Compute`` of the same layer. Checkpoint
-reads for ``LoadSlots`` happen outside the lock, so serving goes on while new
-copies load.
+parallel. Grouped FFNs hold one compute lock (compute calls on one shard would
+only compete for the same cores). Slot changes never take it: checkpoint
+reads happen first, then, under an admin lock that serialises loads and
+unloads, the layer's new stacked weights are built aside and swapped in with
+one reference assignment (:class:`~expert_actors.slots.ExpertSlots`). A compute
+runs on the table snapshot it looked up, so it neither waits for a load nor
+sees half of one.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from cluster.checkpoint import CheckpointError, CheckpointReader
 from cluster.spec import ModelSpec, load_spec
 from cluster.weight_names import expert_names
-from expert_actors.slots import ExpertSlots
+from expert_actors.slots import AmbiguousSlot, ExpertSlots, SlotFull, SlotNotHeld
 from expert_actors.wire import WIRE_DTYPES, dtype_name, tensor_from_proto, tensor_to_proto
 from moeyard.v1 import expert_pb2 as pb
 from moeyard.v1 import expert_pb2_grpc as pb_grpc
@@ -132,8 +139,7 @@ class ExpertServer:
             torch.set_num_threads(int(num_threads))
         self.reader = CheckpointReader(self.model_dir)
         self.slots = ExpertSlots(self.spec, self.dtype)
-        self._lock = threading.Lock()
-        self._loaded: dict[int, set[int]] = {i: set() for i in range(self.spec.num_moe_layers)}
+        self._compute_lock = threading.Lock()  # serialises grouped FFNs; slot changes do not take it
         self._stats_lock = threading.Lock()
         self.requests = 0
         self.tokens = 0
@@ -180,11 +186,14 @@ class ExpertServer:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"moe_layer {moe_layer} out of range [0, {n})")
 
-    def load(self, assignments: Iterable[tuple[int, int, int]]) -> int:
+    def load(self, assignments: Iterable[tuple[int, int, int]], stage: bool = False) -> int:
         """Load ``(moe_layer, slot, logical expert)`` triples; returns bytes loaded.
 
+        ``stage=False``: each slot holds only the given expert afterwards.
+        ``stage=True``: the copy is added next to what the slot holds (live
+        migration; at most two experts per slot, FAILED_PRECONDITION beyond).
         Validates everything and reads every tensor before touching the slots, so
-        a bad request changes nothing.
+        a bad request changes nothing; computes go on meanwhile.
         """
         spec, moe = self.spec, self.spec.moe
         assignments = list(assignments)
@@ -206,35 +215,45 @@ class ExpertServer:
                     except CheckpointError as e:
                         raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
             by_layer.setdefault(moe_layer, []).append((slot, expert))
-        src = _Prefetched(tensors)
-        nbytes = 0
-        with self._lock:
-            for moe_layer, pairs in by_layer.items():
-                nbytes += self.slots.load(src, moe_layer, pairs)
-                self._loaded[moe_layer].update(s for s, _ in pairs)
-        return nbytes
+        try:
+            return self.slots.load_layers(_Prefetched(tensors), by_layer, stage)
+        except SlotFull as e:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
 
-    def unload(self, refs: Iterable[tuple[int, int]]) -> int:
-        """Unload ``(moe_layer, slot)`` pairs; returns how many were loaded (others are ignored)."""
-        refs = list(refs)
-        for moe_layer, _ in refs:
+    def unload(self, refs: Iterable[tuple[int, int] | tuple[int, int, int | None]]) -> int:
+        """Unload ``(moe_layer, slot)`` (the whole slot) or ``(moe_layer, slot, expert)`` (only that
+        expert's copy; ``None``: the whole slot); returns how many refs released a copy (others are ignored)."""
+        by_layer: dict[int, list[tuple[int, int | None]]] = {}
+        num_experts = self.spec.moe.num_experts
+        for ref in refs:
+            moe_layer, slot = int(ref[0]), int(ref[1])
+            expert = None if len(ref) < 3 or ref[2] is None else int(ref[2])
             self._check_layer(moe_layer)
-        n = 0
-        with self._lock:
-            for moe_layer, slot in refs:
-                if slot in self._loaded[moe_layer]:
-                    self._loaded[moe_layer].discard(slot)
-                    self.slots.unload(moe_layer, [slot])
-                    n += 1
-        return n
+            if expert is not None and not 0 <= expert < num_experts:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"logical expert {expert} out of range [0, {num_experts})")
+            by_layer.setdefault(moe_layer, []).append((slot, expert))
+        return self.slots.unload_layers(by_layer)
 
     def compute(self, moe_layer: int, slot_ids: list[int], counts: list[int], x: torch.Tensor,
-                epoch: int = -1) -> tuple[torch.Tensor, float]:
-        """Validate and run one grouped FFN; returns (``[N, D]`` in ``x``'s dtype, compute seconds)."""
+                epoch: int = -1, experts: list[int] | None = None) -> tuple[torch.Tensor, float]:
+        """Validate and run one grouped FFN; returns (``[N, D]`` in ``x``'s dtype, compute seconds).
+
+        ``experts[i]`` is the logical expert the router expects in ``slot_ids[i]``
+        (``None``/empty: legacy, each slot's only copy).
+        """
         self._check_layer(moe_layer)
         bad = grpc.StatusCode.INVALID_ARGUMENT
         if len(slot_ids) != len(counts):
             raise RequestError(bad, f"slot_ids has {len(slot_ids)} entries but counts has {len(counts)}")
+        experts = list(experts) if experts else None
+        if experts is not None:
+            if len(experts) != len(slot_ids):
+                raise RequestError(bad, f"experts has {len(experts)} entries but slot_ids has {len(slot_ids)}")
+            num_experts = self.spec.moe.num_experts
+            wrong = [e for e in experts if not 0 <= e < num_experts]
+            if wrong:
+                raise RequestError(bad, f"logical expert {wrong[0]} out of range [0, {num_experts})")
         if any(c < 0 for c in counts):
             raise RequestError(bad, f"counts must be non-negative, got {counts}")
         d = self.spec.hidden_size
@@ -242,18 +261,20 @@ class ExpertServer:
             raise RequestError(bad, f"hidden must have shape [N, {d}], got {list(x.shape)}")
         if sum(counts) != x.shape[0]:
             raise RequestError(bad, f"counts sum to {sum(counts)} but hidden has {x.shape[0]} rows")
-        with self._lock:
-            loaded = self._loaded[moe_layer]
-            missing = [s for s in slot_ids if s not in loaded]
-            if missing:
-                raise RequestError(grpc.StatusCode.NOT_FOUND,
-                                   f"slot {missing[0]} of MoE layer {moe_layer} is not loaded on shard "
-                                   f"{self.shard_id}")
+        with self._compute_lock:
+            table = self.slots.table(moe_layer)  # one snapshot for the lookup and the FFN
+            try:
+                table.rows(slot_ids, experts)
+            except SlotNotHeld as e:
+                raise RequestError(grpc.StatusCode.NOT_FOUND, self._not_held_message(e, epoch)) from None
+            except AmbiguousSlot as e:
+                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"{e} (ComputeRequest.experts; router placement epoch {epoch})") from None
             t0 = time.perf_counter()
             if x.shape[0] == 0:
                 out = torch.empty(0, d, dtype=x.dtype)
             else:
-                out = self.slots.compute(moe_layer, list(slot_ids), list(counts), x)
+                out = self.slots.compute(moe_layer, list(slot_ids), list(counts), x, experts, table=table)
             dt = time.perf_counter() - t0
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
@@ -264,19 +285,33 @@ class ExpertServer:
             self.last_epoch = max(self.last_epoch, int(epoch))
         return out, dt
 
-    def held_slots(self) -> dict[int, dict[int, int]]:
-        """MoE layer -> {slot: logical expert} held now."""
-        with self._lock:
-            return {layer: dict(sorted(self.slots.slots(layer).items())) for layer in self._loaded}
+    def _not_held_message(self, e: SlotNotHeld, epoch: int) -> str:
+        if e.expert is None:  # legacy request: the slot holds nothing
+            return f"slot {e.slot} of MoE layer {e.moe_layer} is not loaded on shard {self.shard_id}"
+        why = "is stale" if e.held else f"is stale, or shard {self.shard_id} lost its slots (restart)"
+        return (f"slot {e.slot} of MoE layer {e.moe_layer} holds expert(s) {e.held}, not {e.expert} "
+                f"(router placement epoch {epoch} {why})")
+
+    def held_slots(self) -> dict[int, list[tuple[int, int]]]:
+        """MoE layer -> every ``(slot, logical expert)`` copy held now, sorted.
+
+        A slot appears twice while a staged migration holds two copies in it.
+        """
+        return {layer: self.slots.pairs(layer) for layer in range(self.spec.num_moe_layers)}
 
     def status(self) -> dict:
-        """The Status reply as a plain dict (for Ray actors, logs, tests)."""
-        held = self.held_slots()
+        """The Status reply as a plain dict (for Ray actors, logs, tests).
+
+        ``slots``: MoE layer -> every ``(slot, expert)`` copy held (see :meth:`held_slots`);
+        ``weight_bytes`` counts the same snapshot.
+        """
+        tables = [self.slots.table(layer) for layer in range(self.spec.num_moe_layers)]
+        held = {t.moe_layer: list(t.keys) for t in tables}
         with self._stats_lock:
             counters = dict(requests=self.requests, tokens=self.tokens,
                             compute_seconds=self.compute_seconds, last_epoch=self.last_epoch)
         return dict(shard_id=self.shard_id, address=self.address, pid=os.getpid(), dtype=dtype_name(self.dtype),
-                    slots=held, weight_bytes=self.slots.nbytes(), rss_bytes=rss_bytes(),
+                    slots=held, weight_bytes=sum(t.nbytes() for t in tables), rss_bytes=rss_bytes(),
                     num_threads=torch.get_num_threads(), **counters)
 
     def stop(self, grace: float | None = None) -> None:
@@ -328,6 +363,8 @@ class _Servicer(pb_grpc.ExpertServiceServicer):
             code, msg = grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except KeyError as e:
             code, msg = grpc.StatusCode.NOT_FOUND, str(e.args[0]) if e.args else repr(e)
+        except AmbiguousSlot as e:
+            code, msg = grpc.StatusCode.FAILED_PRECONDITION, str(e)
         except Exception as e:  # never let a request take the server down
             log.exception("shard %d: %s failed", self.s.shard_id, method)
             code, msg = grpc.StatusCode.INTERNAL, f"{method} failed on shard {self.s.shard_id}: {e!r}"
@@ -339,7 +376,7 @@ class _Servicer(pb_grpc.ExpertServiceServicer):
         def run():
             x = tensor_from_proto(request.hidden)
             out, dt = self.s.compute(request.moe_layer, list(request.slot_ids), list(request.counts), x,
-                                     request.epoch)
+                                     request.epoch, list(request.experts))
             resp = pb.ComputeResponse(compute_seconds=dt, shard_id=self.s.shard_id)
             tensor_to_proto(out, out=resp.output)
             return resp
@@ -348,14 +385,15 @@ class _Servicer(pb_grpc.ExpertServiceServicer):
     def LoadSlots(self, request, context):
         def run():
             t0 = time.perf_counter()
-            n = self.s.load((a.moe_layer, a.slot, a.expert) for a in request.slots)
+            n = self.s.load(((a.moe_layer, a.slot, a.expert) for a in request.slots), stage=request.stage)
             return pb.LoadSlotsResponse(bytes_loaded=n, load_seconds=time.perf_counter() - t0,
                                         weight_bytes=self.s.slots.nbytes())
         return self._run(context, "LoadSlots", run)
 
     def UnloadSlots(self, request, context):
         def run():
-            n = self.s.unload((r.moe_layer, r.slot) for r in request.slots)
+            n = self.s.unload((r.moe_layer, r.slot, r.expert if r.HasField("expert") else None)
+                              for r in request.slots)
             return pb.UnloadSlotsResponse(slots_unloaded=n, weight_bytes=self.s.slots.nbytes())
         return self._run(context, "UnloadSlots", run)
 
@@ -367,8 +405,8 @@ class _Servicer(pb_grpc.ExpertServiceServicer):
                                      address=st["address"], num_threads=st["num_threads"],
                                      requests=st["requests"], tokens=st["tokens"],
                                      compute_seconds=st["compute_seconds"], last_epoch=st["last_epoch"])
-            for layer, slots in st["slots"].items():
-                resp.layers.add(moe_layer=layer, slot_ids=list(slots), experts=list(slots.values()))
+            for layer, pairs in st["slots"].items():
+                resp.layers.add(moe_layer=layer, slot_ids=[s for s, _ in pairs], experts=[e for _, e in pairs])
             return resp
         return self._run(context, "Status", run)
 
@@ -376,7 +414,7 @@ class _Servicer(pb_grpc.ExpertServiceServicer):
 def status_to_dict(resp: pb.StatusResponse) -> dict:
     """A Status reply in the shape of :meth:`ExpertServer.status`."""
     return dict(shard_id=resp.shard_id, address=resp.address, pid=resp.pid, dtype=resp.dtype,
-                slots={ls.moe_layer: dict(zip(ls.slot_ids, ls.experts)) for ls in resp.layers},
+                slots={ls.moe_layer: list(zip(ls.slot_ids, ls.experts)) for ls in resp.layers},
                 weight_bytes=resp.weight_bytes, rss_bytes=resp.rss_bytes, num_threads=resp.num_threads,
                 requests=resp.requests, tokens=resp.tokens, compute_seconds=resp.compute_seconds,
                 last_epoch=resp.last_epoch)

@@ -7,12 +7,19 @@ channel per shard that stays open between steps; the combined future resolves
 when the last answer arrives, with the outputs in batch order and in each
 input's dtype.
 
+Each request names the logical expert the router expects in every slot
+(``ShardBatch.experts``), so a shard that holds something else refuses rather
+than answering with another expert's output.
+
 Failures: a shard that cannot be reached (``UNAVAILABLE`` — down, connection
 refused, restarting — ``DEADLINE_EXCEEDED`` or ``CANCELLED``) fails the future
 with :class:`~router_service.transport.ShardUnavailable` naming the shard, at
 the first such answer (the other calls of the layer are cancelled). A shard
-that answers with an error (``NOT_FOUND`` for a slot it does not hold,
-``INVALID_ARGUMENT``, ``INTERNAL``) fails it with :class:`ShardCallError`.
+that answers ``NOT_FOUND`` (a slot that does not hold the expected expert: the
+router's placement is stale, or the shard lost slots in a restart) fails it
+with :class:`~router_service.transport.StalePlacement` (a
+``ShardUnavailable``). Any other error answer (``INVALID_ARGUMENT``,
+``FAILED_PRECONDITION``, ``INTERNAL``) fails it with :class:`ShardCallError`.
 After a Ray actor restart the shard listens on a new port: call
 :meth:`GrpcTransport.refresh` so the next call re-resolves its address.
 
@@ -37,7 +44,7 @@ from expert_actors.server import MAX_MESSAGE_BYTES, grpc_options, status_to_dict
 from expert_actors.wire import dtype_name, tensor_from_proto, tensor_to_proto
 from moeyard.v1 import expert_pb2 as pb
 from moeyard.v1 import expert_pb2_grpc as pb_grpc
-from router_service.transport import ShardBatch, ShardUnavailable
+from router_service.transport import ShardBatch, ShardUnavailable, StalePlacement
 
 UNAVAILABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                                grpc.StatusCode.CANCELLED})
@@ -57,11 +64,13 @@ class ShardCallError(RuntimeError):
 
 
 def shard_error(shard: int, err: grpc.RpcError) -> Exception:
-    """Map a failed call to ShardUnavailable (outage) or ShardCallError (refusal)."""
+    """Map a failed call to ShardUnavailable (outage), StalePlacement (NOT_FOUND) or ShardCallError (refusal)."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = (err.details() if hasattr(err, "details") else None) or str(err)
     if code in UNAVAILABLE_CODES:
         return ShardUnavailable(shard, f"{code.name}: {details}")
+    if code == grpc.StatusCode.NOT_FOUND:
+        return StalePlacement(shard, details)
     return ShardCallError(shard, code, details)
 
 
@@ -218,7 +227,8 @@ class GrpcTransport:
         for i, b in enumerate(batches):
             try:
                 stub = self._stub(b.shard)
-                req = pb.ComputeRequest(moe_layer=moe_layer, epoch=epoch, slot_ids=b.slot_ids, counts=b.counts)
+                req = pb.ComputeRequest(moe_layer=moe_layer, epoch=epoch, slot_ids=b.slot_ids, counts=b.counts,
+                                        experts=b.experts)
                 tensor_to_proto(b.hidden, self.wire_dtype, out=req.hidden)
                 call = stub.Compute.future(req, timeout=self.timeout_s)
             except ShardUnavailable as e:
@@ -256,13 +266,20 @@ class GrpcTransport:
         return status_to_dict(self._unary(shard, "Status", pb.StatusRequest(), timeout))
 
     def load_slots(self, shard: int, assignments: Iterable[tuple[int, int, int]],
-                   timeout: float | None = None) -> int:
-        """Load ``(moe_layer, slot, expert)`` triples on ``shard``; returns bytes loaded."""
+                   timeout: float | None = None, stage: bool = False) -> int:
+        """Load ``(moe_layer, slot, expert)`` triples on ``shard``; returns bytes loaded.
+
+        ``stage=True`` adds each copy next to what its slot holds (live migration).
+        """
         req = pb.LoadSlotsRequest(slots=[pb.SlotAssignment(moe_layer=l, slot=s, expert=e)
-                                         for l, s, e in assignments])
+                                         for l, s, e in assignments], stage=stage)
         return self._unary(shard, "LoadSlots", req, timeout).bytes_loaded
 
-    def unload_slots(self, shard: int, refs: Iterable[tuple[int, int]], timeout: float | None = None) -> int:
-        """Unload ``(moe_layer, slot)`` pairs on ``shard``; returns how many were loaded."""
-        req = pb.UnloadSlotsRequest(slots=[pb.SlotRef(moe_layer=l, slot=s) for l, s in refs])
+    def unload_slots(self, shard: int, refs: Iterable[tuple[int, int] | tuple[int, int, int | None]],
+                     timeout: float | None = None) -> int:
+        """Unload ``(moe_layer, slot)`` (whole slot) or ``(moe_layer, slot, expert)`` (that copy only) on
+        ``shard``; returns how many refs released a copy."""
+        req = pb.UnloadSlotsRequest(slots=[
+            pb.SlotRef(moe_layer=r[0], slot=r[1]) if len(r) < 3 or r[2] is None
+            else pb.SlotRef(moe_layer=r[0], slot=r[1], expert=r[2]) for r in refs])
         return self._unary(shard, "UnloadSlots", req, timeout).slots_unloaded

@@ -17,18 +17,20 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ComputeRequest(_message.Message):
-    __slots__ = ("moe_layer", "epoch", "slot_ids", "counts", "hidden")
+    __slots__ = ("moe_layer", "epoch", "slot_ids", "counts", "hidden", "experts")
     MOE_LAYER_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SLOT_IDS_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
     moe_layer: int
     epoch: int
     slot_ids: _containers.RepeatedScalarFieldContainer[int]
     counts: _containers.RepeatedScalarFieldContainer[int]
     hidden: Tensor
-    def __init__(self, moe_layer: _Optional[int] = ..., epoch: _Optional[int] = ..., slot_ids: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    experts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, moe_layer: _Optional[int] = ..., epoch: _Optional[int] = ..., slot_ids: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., experts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ComputeResponse(_message.Message):
     __slots__ = ("output", "compute_seconds", "shard_id")
@@ -51,10 +53,12 @@ class SlotAssignment(_message.Message):
     def __init__(self, moe_layer: _Optional[int] = ..., slot: _Optional[int] = ..., expert: _Optional[int] = ...) -> None: ...
 
 class LoadSlotsRequest(_message.Message):
-    __slots__ = ("slots",)
+    __slots__ = ("slots", "stage")
     SLOTS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     slots: _containers.RepeatedCompositeFieldContainer[SlotAssignment]
-    def __init__(self, slots: _Optional[_Iterable[_Union[SlotAssignment, _Mapping]]] = ...) -> None: ...
+    stage: bool
+    def __init__(self, slots: _Optional[_Iterable[_Union[SlotAssignment, _Mapping]]] = ..., stage: _Optional[bool] = ...) -> None: ...
 
 class LoadSlotsResponse(_message.Message):
     __slots__ = ("bytes_loaded", "load_seconds", "weight_bytes")
@@ -67,12 +71,14 @@ class LoadSlotsResponse(_message.Message):
     def __init__(self, bytes_loaded: _Optional[int] = ..., load_seconds: _Optional[float] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
 
 class SlotRef(_message.Message):
-    __slots__ = ("moe_layer", "slot")
+    __slots__ = ("moe_layer", "slot", "expert")
     MOE_LAYER_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
     moe_layer: int
     slot: int
-    def __init__(self, moe_layer: _Optional[int] = ..., slot: _Optional[int] = ...) -> None: ...
+    expert: int
+    def __init__(self, moe_layer: _Optional[int] = ..., slot: _Optional[int] = ..., expert: _Optional[int] = ...) -> None: ...
 
 class UnloadSlotsRequest(_message.Message):
     __slots__ = ("slots",)

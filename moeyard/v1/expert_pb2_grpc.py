@@ -26,11 +26,26 @@ if _version_not_supported:
 
 
 class ExpertServiceStub:
-    """One expert shard. Errors: NOT_FOUND for a slot the shard does not hold,
-    INVALID_ARGUMENT for a malformed request (tensor bytes vs shape/dtype,
-    counts vs rows, slot_ids vs counts, moe_layer or expert out of range),
-    FAILED_PRECONDITION when the checkpoint lacks a tensor, INTERNAL otherwise.
+    """One expert shard. Errors:
+    - NOT_FOUND for a slot that does not hold the named expert (or, in a legacy
+    request without `experts`, any expert): the router's placement is stale or
+    the shard lost its slots (restart). The message names the MoE layer, the
+    slot, the expert asked for, what the slot holds and the request's epoch,
+    e.g. "slot 5 of MoE layer 2 holds expert(s) [3], not 7 (router placement
+    epoch 4 is stale)".
+    - INVALID_ARGUMENT for a malformed request (tensor bytes vs shape/dtype,
+    counts vs rows, slot_ids vs counts, experts vs slot_ids, moe_layer or
+    expert out of range, negative slot).
+    - FAILED_PRECONDITION when the checkpoint lacks a tensor, when a legacy
+    Compute (no `experts`) reaches a slot holding two copies, or when a staged
+    load would put a third expert into a slot.
+    - INTERNAL otherwise.
     The server also answers grpc.health.v1.Health (SERVING once loaded).
+
+    Live migration of slot s from expert A to expert B: (1) LoadSlots with
+    stage=true adds B next to A; (2) routers switch to the new placement epoch
+    and name B for slot s (routers still on the old epoch name A and are still
+    served); (3) UnloadSlots with SlotRef.expert=A releases A.
     """
 
     def __init__(self, channel):
@@ -62,11 +77,26 @@ class ExpertServiceStub:
 
 
 class ExpertServiceServicer:
-    """One expert shard. Errors: NOT_FOUND for a slot the shard does not hold,
-    INVALID_ARGUMENT for a malformed request (tensor bytes vs shape/dtype,
-    counts vs rows, slot_ids vs counts, moe_layer or expert out of range),
-    FAILED_PRECONDITION when the checkpoint lacks a tensor, INTERNAL otherwise.
+    """One expert shard. Errors:
+    - NOT_FOUND for a slot that does not hold the named expert (or, in a legacy
+    request without `experts`, any expert): the router's placement is stale or
+    the shard lost its slots (restart). The message names the MoE layer, the
+    slot, the expert asked for, what the slot holds and the request's epoch,
+    e.g. "slot 5 of MoE layer 2 holds expert(s) [3], not 7 (router placement
+    epoch 4 is stale)".
+    - INVALID_ARGUMENT for a malformed request (tensor bytes vs shape/dtype,
+    counts vs rows, slot_ids vs counts, experts vs slot_ids, moe_layer or
+    expert out of range, negative slot).
+    - FAILED_PRECONDITION when the checkpoint lacks a tensor, when a legacy
+    Compute (no `experts`) reaches a slot holding two copies, or when a staged
+    load would put a third expert into a slot.
+    - INTERNAL otherwise.
     The server also answers grpc.health.v1.Health (SERVING once loaded).
+
+    Live migration of slot s from expert A to expert B: (1) LoadSlots with
+    stage=true adds B next to A; (2) routers switch to the new placement epoch
+    and name B for slot s (routers still on the old epoch name A and are still
+    served); (3) UnloadSlots with SlotRef.expert=A releases A.
     """
 
     def Compute(self, request, context):
@@ -78,14 +108,16 @@ class ExpertServiceServicer:
 
     def LoadSlots(self, request, context):
         """Read the given experts from the checkpoint into the given slots (replacing
-        what a slot held). All-or-nothing: a bad entry changes nothing.
+        what a slot held, or next to it with stage=true). All-or-nothing: a bad
+        entry changes nothing. Compute keeps running meanwhile (new weights are
+        built aside and swapped in at once).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UnloadSlots(self, request, context):
-        """Drop slots; slots not held are ignored.
+        """Drop slots, or one expert's copy in a slot; copies not held are ignored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -130,11 +162,26 @@ def add_ExpertServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ExpertService:
-    """One expert shard. Errors: NOT_FOUND for a slot the shard does not hold,
-    INVALID_ARGUMENT for a malformed request (tensor bytes vs shape/dtype,
-    counts vs rows, slot_ids vs counts, moe_layer or expert out of range),
-    FAILED_PRECONDITION when the checkpoint lacks a tensor, INTERNAL otherwise.
+    """One expert shard. Errors:
+    - NOT_FOUND for a slot that does not hold the named expert (or, in a legacy
+    request without `experts`, any expert): the router's placement is stale or
+    the shard lost its slots (restart). The message names the MoE layer, the
+    slot, the expert asked for, what the slot holds and the request's epoch,
+    e.g. "slot 5 of MoE layer 2 holds expert(s) [3], not 7 (router placement
+    epoch 4 is stale)".
+    - INVALID_ARGUMENT for a malformed request (tensor bytes vs shape/dtype,
+    counts vs rows, slot_ids vs counts, experts vs slot_ids, moe_layer or
+    expert out of range, negative slot).
+    - FAILED_PRECONDITION when the checkpoint lacks a tensor, when a legacy
+    Compute (no `experts`) reaches a slot holding two copies, or when a staged
+    load would put a third expert into a slot.
+    - INTERNAL otherwise.
     The server also answers grpc.health.v1.Health (SERVING once loaded).
+
+    Live migration of slot s from expert A to expert B: (1) LoadSlots with
+    stage=true adds B next to A; (2) routers switch to the new placement epoch
+    and name B for slot s (routers still on the old epoch name A and are still
+    served); (3) UnloadSlots with SlotRef.expert=A releases A.
     """
 
     @staticmethod

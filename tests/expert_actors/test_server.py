@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import threading
+import time
+import weakref
 
 import grpc
 import pytest
@@ -13,13 +17,13 @@ from cluster.checkpoint import CheckpointReader
 from cluster.spec import load_spec
 from expert_actors.server import SERVICE_NAME, ExpertServer, grpc_options
 from expert_actors.slots import ExpertSlots
-from expert_actors.wire import tensor_to_proto
+from expert_actors.wire import tensor_from_proto, tensor_to_proto
 from moeyard.v1 import expert_pb2 as pb
 from moeyard.v1 import expert_pb2_grpc as pb_grpc
 from router_service.dispatch import plan_dispatch
 from router_service.grpc_transport import GrpcTransport, ShardCallError
 from router_service.placement import Placement
-from router_service.transport import InProcessTransport
+from router_service.transport import InProcessTransport, StalePlacement
 
 E = 8
 
@@ -110,7 +114,7 @@ def test_status_reports_slots_and_memory(setup):
         assert list(ls.slot_ids) == list(range(E + 1)) and list(ls.experts) == list(range(E)) + [3]
     with GrpcTransport({0: setup["server"].address}) as remote:
         d = remote.status(0)
-    assert d["slots"][1] == {s: e for s, e in enumerate(list(range(E)) + [3])}
+    assert d["slots"][1] == list(enumerate(list(range(E)) + [3]))
     assert d["requests"] >= 0 and d["last_epoch"] >= -1
 
 
@@ -121,7 +125,7 @@ def test_server_reads_only_its_own_experts(setup):
         experts = sorted({n.split(".experts.")[1].split(".")[0] + "@" + n.split(".")[2] for n in server.reader.reads})
         assert experts == ["2@0", "2@1", "6@1"]
         assert all(".experts." in n for n in server.reader.reads)  # no attention, router or norm tensors
-        assert server.status()["slots"] == {0: {30: 2}, 1: {31: 6, 32: 2}}
+        assert server.status()["slots"] == {0: [(30, 2)], 1: [(31, 6), (32, 2)]}
     finally:
         server.stop(0)
 
@@ -154,7 +158,7 @@ def test_load_and_unload_slots(setup):
         stub.Compute(_valid_request(spec, slot=20, moe_layer=1), timeout=10)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
     assert e.value.details() == "slot 20 of MoE layer 1 is not loaded on shard 0"
-    assert 20 not in server.status()["slots"][1]
+    assert 20 not in [s for s, _ in server.status()["slots"][1]]
     assert server.status()["last_epoch"] >= 1
 
 
@@ -189,6 +193,12 @@ MALFORMED = [
      "hidden must have shape [N, 64], got [4, 32]"),
     ("one_dim_hidden", dict(hidden=("float32", [4], 16)), "INVALID_ARGUMENT", "hidden must have shape [N, 64]"),
     ("unknown_slot", dict(moe_layer=1, slot_ids=[42]), "NOT_FOUND", "slot 42 of MoE layer 1 is not loaded on shard 0"),
+    ("experts_length", dict(experts=[1, 2]), "INVALID_ARGUMENT", "experts has 2 entries but slot_ids has 1"),
+    ("expert_out_of_range", dict(experts=[8]), "INVALID_ARGUMENT", "logical expert 8 out of range [0, 8)"),
+    ("wrong_expert", dict(experts=[2], epoch=6), "NOT_FOUND",
+     "slot 1 of MoE layer 0 holds expert(s) [1], not 2 (router placement epoch 6 is stale)"),
+    ("unknown_slot_named_expert", dict(moe_layer=1, slot_ids=[42], experts=[2], epoch=3), "NOT_FOUND",
+     "slot 42 of MoE layer 1 holds expert(s) [], not 2 (router placement epoch 3 is stale, or shard 0 lost"),
 ]
 
 
@@ -212,7 +222,13 @@ def test_malformed_compute_is_refused_and_the_server_lives_on(setup, name, field
      "slot id -3 is negative"),
     (pb.UnloadSlotsRequest(slots=[pb.SlotRef(moe_layer=4, slot=1)]), "INVALID_ARGUMENT",
      "moe_layer 4 out of range [0, 2)"),
-], ids=["bad_expert", "bad_layer", "negative_slot", "unload_bad_layer"])
+    (pb.UnloadSlotsRequest(slots=[pb.SlotRef(moe_layer=0, slot=2), pb.SlotRef(moe_layer=0, slot=1, expert=99)]),
+     "INVALID_ARGUMENT", "logical expert 99 out of range [0, 8)"),
+    (pb.LoadSlotsRequest(slots=[pb.SlotAssignment(moe_layer=0, slot=50, expert=1),
+                                pb.SlotAssignment(moe_layer=0, slot=8, expert=1),
+                                pb.SlotAssignment(moe_layer=0, slot=8, expert=2)], stage=True),
+     "FAILED_PRECONDITION", "slot 8 of MoE layer 0 already holds experts [3, 1]; unload one before staging"),
+], ids=["bad_expert", "bad_layer", "negative_slot", "unload_bad_layer", "unload_bad_expert", "third_copy"])
 def test_malformed_slot_changes_are_refused_and_change_nothing(setup, request_, code, message):
     stub, server = setup["stub"], setup["server"]
     before = server.status()["slots"]
@@ -233,10 +249,14 @@ def test_empty_batch_and_a_refusal_through_the_transport(setup):
 
     bad = ShardBatch(0, [42], [2], torch.zeros(2, spec.hidden_size))
     with GrpcTransport({0: setup["server"].address}) as remote:
-        with pytest.raises(ShardCallError) as e:
+        with pytest.raises(StalePlacement) as e:  # NOT_FOUND: the router's placement is stale
             remote.submit(0, [bad], 0).result(timeout=30)
-    assert e.value.shard == 0 and e.value.code == grpc.StatusCode.NOT_FOUND
-    assert "slot 42 of MoE layer 0 is not loaded on shard 0" in str(e.value)
+        assert e.value.shard == 0
+        assert "slot 42 of MoE layer 0 is not loaded on shard 0" in str(e.value)
+        bad_rows = ShardBatch(0, [1], [3], torch.zeros(2, spec.hidden_size))
+        with pytest.raises(ShardCallError) as e:  # any other refusal stays a ShardCallError
+            remote.submit(0, [bad_rows], 0).result(timeout=30)
+        assert e.value.shard == 0 and e.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_bad_assignments_fail_the_constructor(setup):
@@ -286,4 +306,212 @@ def test_concurrent_computes_while_slots_move(setup):
     assert len(done) >= 3
     stub.UnloadSlots(pb.UnloadSlotsRequest(slots=[pb.SlotRef(moe_layer=0, slot=40 + i) for i in range(10)]),
                      timeout=30)
-    assert sorted(setup["server"].status()["slots"][0]) == list(range(E + 1))
+    assert setup["server"].status()["slots"][0] == list(enumerate(list(range(E)) + [3]))
+
+
+# -- live migration: a staged copy next to the old one, explicit experts, stale routers -----------
+
+MIG_LAYER, MIG_SLOT, OLD, NEW = 1, 5, 5, 7
+
+
+@pytest.fixture
+def shard(setup):
+    """A fresh shard of its own (slot e holds expert e in every MoE layer) and a stub to it."""
+    spec = setup["spec"]
+    server = ExpertServer(0, spec, setup["ckpt"], torch.float32,
+                          {layer: [(e, e) for e in range(E)] for layer in range(spec.num_moe_layers)})
+    channel = grpc.insecure_channel(server.address, options=grpc_options())
+    per_slot = 3 * spec.hidden_size * spec.moe.intermediate_size * 4
+    yield dict(spec=spec, server=server, stub=pb_grpc.ExpertServiceStub(channel), per_slot=per_slot,
+               ref=setup["local"].shards[0])  # the module's in-process copy: slot e holds expert e
+    channel.close()
+    server.stop(0)
+
+
+def _x(spec, rows=6, seed=11):
+    return torch.randn(rows, spec.hidden_size, generator=torch.Generator().manual_seed(seed))
+
+
+def _call(stub, x, slot_ids, counts, experts=(), moe_layer=MIG_LAYER, epoch=0):
+    req = pb.ComputeRequest(moe_layer=moe_layer, epoch=epoch, slot_ids=slot_ids, counts=counts, experts=experts)
+    tensor_to_proto(x, out=req.hidden)
+    return tensor_from_proto(stub.Compute(req, timeout=30).output)
+
+
+def _want(shard, expert, x, moe_layer=MIG_LAYER):
+    return shard["ref"].compute(moe_layer, [expert], [x.shape[0]], x)
+
+
+def _stage(stub, expert=NEW, slot=MIG_SLOT, moe_layer=MIG_LAYER):
+    return stub.LoadSlots(pb.LoadSlotsRequest(
+        slots=[pb.SlotAssignment(moe_layer=moe_layer, slot=slot, expert=expert)], stage=True), timeout=30)
+
+
+def test_staged_slot_serves_both_experts_exactly(shard):
+    spec, stub, server = shard["spec"], shard["stub"], shard["server"]
+    x = _x(spec)
+    before = stub.Status(pb.StatusRequest(), timeout=10).weight_bytes
+    resp = _stage(stub)
+    assert resp.bytes_loaded == shard["per_slot"] and resp.weight_bytes == before + shard["per_slot"]
+    st = stub.Status(pb.StatusRequest(), timeout=10)
+    ls = st.layers[MIG_LAYER]
+    pairs = list(zip(ls.slot_ids, ls.experts))
+    assert pairs == sorted([(e, e) for e in range(E)] + [(MIG_SLOT, NEW)])  # the slot appears twice
+    assert server.status()["slots"][MIG_LAYER] == pairs
+    assert st.weight_bytes == before + shard["per_slot"]
+    # the old router (expects OLD) and the new one (expects NEW) both get their expert's exact output
+    assert torch.equal(_call(stub, x, [MIG_SLOT], [6], [OLD], epoch=3), _want(shard, OLD, x))
+    assert torch.equal(_call(stub, x, [MIG_SLOT], [6], [NEW], epoch=4), _want(shard, NEW, x))
+    assert not torch.equal(_want(shard, OLD, x), _want(shard, NEW, x))
+    # one batch with other slots around it, every slot named
+    got = _call(stub, x, [2, MIG_SLOT, 6], [1, 3, 2], [2, NEW, 6], epoch=4)
+    want = torch.cat([_want(shard, 2, x[:1]), _want(shard, NEW, x[1:4]), _want(shard, 6, x[4:])])
+    assert torch.equal(got, want)
+
+
+def test_legacy_request_on_a_doubly_held_slot_is_refused(shard):
+    spec, stub = shard["spec"], shard["stub"]
+    x = _x(spec)
+    _stage(stub)
+    with pytest.raises(grpc.RpcError) as e:
+        _call(stub, x, [MIG_SLOT], [6], epoch=4)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"slot {MIG_SLOT} of MoE layer {MIG_LAYER} holds experts [{OLD}, {NEW}]" in e.value.details()
+    assert "must name the expert" in e.value.details()
+    # legacy requests to single-copy slots are still served
+    assert torch.equal(_call(stub, x, [3], [6]), _want(shard, 3, x))
+
+
+def test_unloading_the_old_expert_leaves_the_new_one_and_frees_its_bytes(shard):
+    spec, stub, server = shard["spec"], shard["stub"], shard["server"]
+    x = _x(spec)
+    before = server.slots.nbytes()
+    _stage(stub)
+    old_stack = weakref.ref(server.slots.table(MIG_LAYER).w13)
+    resp = stub.UnloadSlots(pb.UnloadSlotsRequest(slots=[pb.SlotRef(moe_layer=MIG_LAYER, slot=MIG_SLOT, expert=OLD)]),
+                            timeout=30)
+    assert resp.slots_unloaded == 1 and resp.weight_bytes == before
+    gc.collect()
+    assert old_stack() is None  # the stacks holding both copies are gone
+    assert server.status()["slots"][MIG_LAYER] == sorted([(e, e) for e in range(E) if e != OLD] + [(MIG_SLOT, NEW)])
+    assert stub.Status(pb.StatusRequest(), timeout=10).weight_bytes == before
+    assert torch.equal(_call(stub, x, [MIG_SLOT], [6], [NEW], epoch=4), _want(shard, NEW, x))
+    assert torch.equal(_call(stub, x, [MIG_SLOT], [6]), _want(shard, NEW, x))  # one copy again: legacy is fine
+    with pytest.raises(grpc.RpcError) as e:
+        _call(stub, x, [MIG_SLOT], [6], [OLD], epoch=3)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    # a copy not held is ignored; the whole slot can still go at once
+    again = stub.UnloadSlots(pb.UnloadSlotsRequest(slots=[pb.SlotRef(moe_layer=MIG_LAYER, slot=MIG_SLOT, expert=OLD)]),
+                             timeout=30)
+    assert again.slots_unloaded == 0 and again.weight_bytes == before
+    gone = stub.UnloadSlots(pb.UnloadSlotsRequest(slots=[pb.SlotRef(moe_layer=MIG_LAYER, slot=MIG_SLOT)]), timeout=30)
+    assert gone.slots_unloaded == 1 and gone.weight_bytes == before - shard["per_slot"]
+
+
+def test_wrong_expert_is_not_found_naming_everything_then_the_server_serves_on(shard):
+    spec, stub = shard["spec"], shard["stub"]
+    x = _x(spec)
+    with pytest.raises(grpc.RpcError) as e:
+        _call(stub, x, [MIG_SLOT], [6], [NEW], epoch=4)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert e.value.details() == (f"slot {MIG_SLOT} of MoE layer {MIG_LAYER} holds expert(s) [{OLD}], not {NEW} "
+                                 f"(router placement epoch 4 is stale)")
+    _stage(stub)
+    stub.UnloadSlots(pb.UnloadSlotsRequest(slots=[pb.SlotRef(moe_layer=MIG_LAYER, slot=MIG_SLOT, expert=OLD)]),
+                     timeout=30)
+    with pytest.raises(grpc.RpcError) as e:  # a router still on the old epoch
+        _call(stub, x, [3, MIG_SLOT], [2, 4], [3, OLD], epoch=3)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert e.value.details() == (f"slot {MIG_SLOT} of MoE layer {MIG_LAYER} holds expert(s) [{NEW}], not {OLD} "
+                                 f"(router placement epoch 3 is stale)")
+    assert torch.equal(_call(stub, x, [MIG_SLOT], [6], [NEW], epoch=4), _want(shard, NEW, x))
+    assert shard["server"].status()["last_epoch"] == 4  # refused calls do not count
+
+
+def test_replacing_load_drops_both_copies(shard):
+    stub, server = shard["stub"], shard["server"]
+    _stage(stub)
+    stub.LoadSlots(pb.LoadSlotsRequest(slots=[pb.SlotAssignment(moe_layer=MIG_LAYER, slot=MIG_SLOT, expert=2)]),
+                   timeout=30)
+    assert [p for p in server.status()["slots"][MIG_LAYER] if p[0] == MIG_SLOT] == [(MIG_SLOT, 2)]
+    assert server.slots.nbytes() == shard["spec"].num_moe_layers * E * shard["per_slot"]
+
+
+def test_computes_stay_exact_while_a_slot_migrates_back_and_forth(shard):
+    """Threads keep computing (old expert named on the migrating slot, legacy elsewhere) while loads and
+    unloads of a second copy run on another thread: every answer is the right expert's, none fails."""
+    spec, stub = shard["spec"], shard["stub"]
+    x = _x(spec, rows=8, seed=4)
+    want_named = torch.cat([_want(shard, 1, x[:3]), _want(shard, OLD, x[3:])])
+    want_legacy = _want(shard, 6, x)
+    errors: list[BaseException] = []
+    counts = [0, 0]
+    stop = threading.Event()
+
+    def hammer(i):
+        channel = grpc.insecure_channel(shard["server"].address, options=grpc_options())
+        s = pb_grpc.ExpertServiceStub(channel)
+        try:
+            while not stop.is_set():
+                if i == 0:
+                    assert torch.equal(_call(s, x, [1, MIG_SLOT], [3, 5], [1, OLD]), want_named)
+                else:
+                    assert torch.equal(_call(s, x, [6], [8]), want_legacy)
+                counts[i] += 1
+        except BaseException as e:  # reported below
+            errors.append(e)
+        finally:
+            channel.close()
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(12):
+            new = (NEW + i) % E if (NEW + i) % E != OLD else 0
+            _stage(stub, new)
+            if i % 3 == 0:  # a full replacing load of another slot in the same layer
+                stub.LoadSlots(pb.LoadSlotsRequest(slots=[pb.SlotAssignment(moe_layer=MIG_LAYER, slot=20 + i,
+                                                                            expert=new)]), timeout=30)
+            stub.UnloadSlots(pb.UnloadSlotsRequest(slots=[pb.SlotRef(moe_layer=MIG_LAYER, slot=MIG_SLOT, expert=new),
+                                                          pb.SlotRef(moe_layer=MIG_LAYER, slot=20 + i)]), timeout=30)
+        deadline = time.monotonic() + 30
+        while min(counts) < 1 and not errors and time.monotonic() < deadline:  # each thread got answers
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not errors, errors[0]
+    assert min(counts) >= 1
+    assert shard["server"].status()["slots"][MIG_LAYER] == [(e, e) for e in range(E)]
+
+
+def test_compute_is_served_while_a_load_builds_its_weights(shard, monkeypatch):
+    """A LoadSlots stuck building its new stacks does not hold Compute back (it runs on the current table)."""
+    from expert_actors.slots import SlotTable
+
+    spec, stub, server = shard["spec"], shard["stub"], shard["server"]
+    x = _x(spec)
+    building, release = threading.Event(), threading.Event()
+    real_build = SlotTable.build
+
+    def slow_build(*args, **kw):
+        building.set()
+        assert release.wait(30)
+        return real_build(*args, **kw)
+
+    monkeypatch.setattr(SlotTable, "build", staticmethod(slow_build))
+    results = []
+    loader = threading.Thread(target=lambda: results.append(_stage(stub)))
+    loader.start()
+    try:
+        assert building.wait(30)
+        assert torch.equal(_call(stub, x, [MIG_SLOT], [6], [OLD]), _want(shard, OLD, x))
+        assert torch.equal(_call(stub, x, [MIG_SLOT], [6]), _want(shard, OLD, x))  # not swapped in yet
+        assert (MIG_SLOT, NEW) not in server.status()["slots"][MIG_LAYER]
+    finally:
+        release.set()
+        loader.join(30)
+    assert results and results[0].bytes_loaded == shard["per_slot"]
+    assert torch.equal(_call(stub, x, [MIG_SLOT], [6], [NEW]), _want(shard, NEW, x))

@@ -139,3 +139,19 @@ def test_transport_errors_surface(hf_models):
     ids = torch.tensor([[0, 7], [1, 6]])  # experts 6, 7 live on shard 1
     with pytest.raises(KeyError):
         ExpertDispatcher(pl, transport)(0, x, torch.full((2, 2), 0.5), ids)
+
+
+def test_plan_names_the_expert_expected_in_every_slot():
+    phy2log = torch.tensor([[0, 1, 2, 3, 0, 1], [3, 2, 1, 0, 2, 3]])
+    pl = Placement(phy2log, num_shards=3, epoch=5)
+    hidden = torch.randn(9, 4)
+    ids = torch.tensor([[0, 3], [1, 0], [0, 2], [3, 1], [2, 1], [0, 1], [3, 2], [1, 2], [0, 3]])
+    for moe_layer in range(2):
+        _, batches = plan_dispatch(hidden, ids, pl, moe_layer)
+        assert batches
+        for b in batches:
+            assert len(b.experts) == len(b.slot_ids)
+            assert b.experts == [int(phy2log[moe_layer, s]) for s in b.slot_ids]
+            assert all(isinstance(e, int) for e in b.experts)
+        # every copy of every expert routed to is named as that expert
+        assert sorted({e for b in batches for e in b.experts}) == sorted(set(ids.flatten().tolist()))

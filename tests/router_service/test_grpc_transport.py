@@ -126,3 +126,74 @@ def test_unknown_shard_and_closed_transport():
     t.close()
     with pytest.raises(RuntimeError, match="closed"):
         t.submit(0, [ShardBatch(0, [0], [1], torch.zeros(1, 4))], 0).result(timeout=10)
+
+
+def test_live_migration_old_and_new_routers_then_stale_placement(hf_models):
+    """Slot 8 moves from a second copy of expert 3 to a copy of expert 6 while two routers (epochs 0 and 1)
+    send work: both get exact outputs during the window; after the old copy goes, the epoch-0 router gets
+    StalePlacement naming the slot, and the epoch-1 router is still served."""
+    import grpc
+
+    from attention.engine import build_local_experts
+    from router_service.grpc_transport import ShardCallError
+    from router_service.transport import ShardBatch, StalePlacement
+
+    ckpt, _ = hf_models("mixtral")
+    spec = load_spec(ckpt)
+    L = spec.num_moe_layers
+    old = Placement(torch.tensor([list(range(E)) + [3]] * L), num_shards=1, epoch=0)
+    new = Placement(torch.tensor([list(range(E)) + [6]] * L), num_shards=1, epoch=1)
+    ref_old = build_local_experts(ckpt, spec, old, torch.float32)
+    ref_new = build_local_experts(ckpt, spec, new, torch.float32)
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(10, spec.hidden_size, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:spec.moe.top_k] for _ in range(10)])
+    ids[0], ids[1] = torch.tensor([3, 6]), torch.tensor([3, 6])  # token 1 takes the second copy: slot 8
+
+    def run(placement, transport, moe_layer):
+        _, batches = plan_dispatch(hidden, ids, placement, moe_layer)
+        assert any(8 in b.slot_ids for b in batches)
+        return batches, transport.submit(moe_layer, batches, placement.epoch).result(timeout=30)
+
+    server = ExpertServer(0, spec, ckpt, torch.float32, old.shard_slots(0))
+    try:
+        with GrpcTransport({0: server.address}, timeout_s=10) as t:
+            for layer in range(L):
+                batches, got = run(old, t, layer)
+                assert all(torch.equal(a, b) for a, b in zip(got, ref_old.submit(layer, batches, 0).result()))
+            # (1) stage expert 6 next to expert 3 in slot 8 of every MoE layer
+            per_slot = 3 * spec.hidden_size * spec.moe.intermediate_size * 4
+            assert t.load_slots(0, [(layer, 8, 6) for layer in range(L)], stage=True) == L * per_slot
+            assert t.status(0)["slots"][0][-2:] == [(8, 3), (8, 6)]
+            # (2) during the window both routers are served exactly
+            for layer in range(L):
+                for placement, ref in ((old, ref_old), (new, ref_new)):
+                    batches, got = run(placement, t, layer)
+                    want = ref.submit(layer, batches, placement.epoch).result()
+                    assert all(torch.equal(a, b) for a, b in zip(got, want))
+            # a router that names no expert is refused (not a stale placement: a call error)
+            x = hidden[:2]
+            with pytest.raises(ShardCallError) as e:
+                t.submit(0, [ShardBatch(0, [8], [2], x)], 1).result(timeout=30)
+            assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert not isinstance(e.value, ShardUnavailable)
+            # (3) release the old copy
+            assert t.unload_slots(0, [(layer, 8, 3) for layer in range(L)]) == L
+            assert t.status(0)["slots"][0][-1:] == [(8, 6)]
+            for layer in range(L):
+                batches, got = run(new, t, layer)
+                assert all(torch.equal(a, b) for a, b in zip(got, ref_new.submit(layer, batches, 1).result()))
+                _, stale = plan_dispatch(hidden, ids, old, layer)
+                with pytest.raises(StalePlacement) as e:
+                    t.submit(layer, stale, old.epoch).result(timeout=30)
+                assert isinstance(e.value, ShardUnavailable) and e.value.shard == 0
+                assert e.value.message == (f"slot 8 of MoE layer {layer} holds expert(s) [6], not 3 "
+                                           f"(router placement epoch 0 is stale)")
+            # the shard serves on; whole-slot unload through the helper still works
+            batches, got = run(new, t, 0)
+            assert all(torch.equal(a, b) for a, b in zip(got, ref_new.submit(0, batches, 1).result()))
+            assert t.unload_slots(0, [(0, 8)]) == 1
+            with pytest.raises(StalePlacement, match="slot 8 of MoE layer 0 holds expert\\(s\\) \\[\\], not 6"):
+                run(new, t, 0)
+    finally:
+        server.stop(0)
