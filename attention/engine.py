@@ -222,7 +222,11 @@ class LLMEngine:
             mbs.append(mb)
             sampled.extend(group_sampled)
         try:
-            logits = self.runner.forward_microbatches(mbs)
+            if self.router is not None:
+                with self.router.dispatcher.step():  # placements switch between steps, never inside one
+                    logits = self.runner.forward_microbatches(mbs)
+            else:
+                logits = self.runner.forward_microbatches(mbs)
         except ExpertsUnavailable as e:
             return self._fail_unroutable(e, groups)
         for seq, n in zip(batch.seqs, batch.num_new):

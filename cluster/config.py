@@ -15,6 +15,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from cluster.autoscale_policy import AutoscalerSettings
+from cluster.redis_conn import RedisSettings
+
 MOEYARD_HOME = Path.home() / ".moeyard"
 DEMO_MODEL_DIR = MOEYARD_HOME / "models" / "demo-mixtral"
 DEFAULT_TOKEN_FILE = MOEYARD_HOME / "token"
@@ -60,6 +63,11 @@ class ClusterConfig(BaseModel):
     api_port: int = Field(0, ge=0, le=65535, description="0 = any free port")
     require_auth: bool = True
     api_token_file: str | None = Field(None, description="file holding the API token; default ~/.moeyard/token")
+
+    redis: RedisSettings = RedisSettings()
+    """Load statistics, the placement and autoscaler events; ``moeyard up`` fills ``url`` with its own
+    ``redis-server`` unless ``--redis URL`` is given. Without a URL: static placement, no autoscaler."""
+    autoscaler: AutoscalerSettings = AutoscalerSettings()
 
     @field_validator("placement")
     @classmethod

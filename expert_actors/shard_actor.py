@@ -7,11 +7,13 @@ control plane: where is the server (:meth:`ExpertShardActor.address`), is it up
 (:meth:`ExpertShardActor.ready`), what does it hold (:meth:`ExpertShardActor.status`).
 
 Restarts: :func:`create_shard_actor` sets ``max_restarts=-1``. A restarted
-actor runs ``__init__`` again with the same arguments, so it reloads the slots
-it was *created* with (not slots changed since through ``LoadSlots`` /
-``UnloadSlots``: whoever moved them must apply the current placement again)
-and listens on a new port: callers re-read :meth:`address` (e.g.
-``GrpcTransport.refresh(shard)`` with an address callable that asks the actor).
+actor runs ``__init__`` again with the same arguments. Given the cluster's Redis
+settings and placement fingerprint, it loads its part of the placement *published
+now* (a migration may have moved slots since it was created); otherwise, or if
+Redis does not answer within a second, the slots it was created with (the
+autoscaler's reconciler then fixes any difference). It listens on a new port:
+callers re-read :meth:`address` (e.g. ``GrpcTransport.refresh(shard)`` with an
+address callable that asks the actor).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class ExpertShardActor:
 
     def __init__(self, shard_id: int, model_dir: str, assignments: Mapping[int, Iterable[tuple[int, int]]],
                  dtype: str = "float32", host: str = "127.0.0.1", num_threads: int | None = None,
-                 port: int = 0):
+                 port: int = 0, redis: dict | None = None, fingerprint: str | None = None):
         import torch
 
         from expert_actors.server import ExpertServer
@@ -37,6 +39,8 @@ class ExpertShardActor:
             # before anything allocates torch's thread pool
             torch.set_num_threads(int(num_threads))
         self.shard_id = shard_id
+        if redis is not None and fingerprint is not None:
+            assignments = _published_assignments(shard_id, redis, fingerprint) or assignments
         self.server = ExpertServer(shard_id, None, model_dir, dtype,
                                    {int(k): [(int(s), int(e)) for s, e in v] for k, v in assignments.items()},
                                    host=host, port=port, num_threads=num_threads)
@@ -66,11 +70,35 @@ class ExpertShardActor:
             server.stop(0)
 
 
+def _published_assignments(shard_id: int, redis: dict, fingerprint: str) -> dict | None:
+    """This shard's part of the placement in Redis, if one for ``fingerprint`` is there."""
+    import logging
+
+    from cluster.placement_store import read_placement
+    from cluster.redis_conn import RedisSettings, connect
+
+    settings = RedisSettings.model_validate(redis)
+    if not settings.enabled:
+        return None
+    try:
+        client = connect(settings.model_copy(update={"socket_timeout_s": 1.0}))
+        stored = read_placement(client, settings.key_prefix)
+        client.close()
+    except Exception as e:  # Redis down: the creation-time slots, reconciled later
+        logging.getLogger("moeyard.shard").warning("shard %d: placement store unreachable (%s); loading the "
+                                                   "slots it was created with", shard_id, type(e).__name__)
+        return None
+    if stored is None or stored.fingerprint != fingerprint or shard_id >= stored.placement.num_shards:
+        return None
+    return stored.placement.shard_slots(shard_id)
+
+
 def create_shard_actor(shard_id: int, model_dir: str | Path, assignments: Mapping[int, Iterable[tuple[int, int]]],
                        dtype: str = "float32", host: str = "127.0.0.1", num_threads: int | None = None, *,
                        num_cpus: float = 1.0, use_gpu: bool = False, name: str | None = None,
                        namespace: str | None = None, detached: bool = False, max_task_retries: int = -1,
-                       runtime_env: dict | None = None):
+                       runtime_env: dict | None = None, redis: dict | None = None,
+                       fingerprint: str | None = None):
     """Start one :class:`ExpertShardActor`; returns its handle (``__init__`` runs asynchronously).
 
     Args:
@@ -79,6 +107,8 @@ def create_shard_actor(shard_id: int, model_dir: str | Path, assignments: Mappin
         use_gpu: reserve one GPU (``num_gpus=1``).
         name / namespace: a named actor (``ray.get_actor(name, namespace=...)``).
         detached: ``lifetime="detached"`` (outlives the driver; needs ``name`` to be found again).
+        redis / fingerprint: the cluster's ``RedisSettings`` (as a dict) and placement
+            fingerprint: a (re)started actor loads its part of the published placement.
         max_task_retries: retries of an actor method whose call was lost to a crash; every
             method is an idempotent read, so the default ``-1`` retries until the restarted
             actor answers (bound the wait with ``ray.get(..., timeout=...)``).
@@ -99,4 +129,5 @@ def create_shard_actor(shard_id: int, model_dir: str | Path, assignments: Mappin
         opts["runtime_env"] = runtime_env
     cls = ray.remote(ExpertShardActor)
     assignments = {int(k): [(int(s), int(e)) for s, e in v] for k, v in assignments.items()}
-    return cls.options(**opts).remote(shard_id, str(model_dir), assignments, dtype, host, num_threads)
+    return cls.options(**opts).remote(shard_id, str(model_dir), assignments, dtype, host, num_threads,
+                                      0, redis, fingerprint)

@@ -9,14 +9,17 @@ answered or in which order the shards replied.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
 from router_service.placement import Placement
-from router_service.transport import ExpertTransport, ShardBatch, ShardUnavailable
+from router_service.transport import ExpertTransport, ShardBatch, ShardUnavailable, StalePlacement
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ def plan_dispatch(hidden: torch.Tensor, ids: torch.Tensor, placement: Placement,
     x = hidden[order // a]
     uniq, counts = torch.unique_consecutive(sorted_slots, return_counts=True)
     uniq_l, counts_l = uniq.tolist(), counts.tolist()
+    # the logical expert each chosen slot holds in this placement: the shard checks it
+    experts_l = placement.phy2log[moe_layer][uniq].tolist()
     sps = placement.slots_per_shard
     batches: list[ShardBatch] = []
     start = i = 0
@@ -59,7 +64,7 @@ def plan_dispatch(hidden: torch.Tensor, ids: torch.Tensor, placement: Placement,
         while j < len(uniq_l) and uniq_l[j] // sps == shard:
             n += counts_l[j]
             j += 1
-        batches.append(ShardBatch(shard, uniq_l[i:j], counts_l[i:j], x[start:start + n]))
+        batches.append(ShardBatch(shard, uniq_l[i:j], counts_l[i:j], x[start:start + n], experts_l[i:j]))
         start += n
         i = j
     return DispatchPlan(t, a, order, slots), batches
@@ -103,16 +108,29 @@ class ExpertDispatcher:
     A shard that fails (:class:`ShardUnavailable`) is marked down for
     ``down_seconds``; the layer is re-planned on the remaining copies and sent
     again. Only when an expert has no reachable copy does the layer fail, with
-    :class:`ExpertsUnavailable`.
+    :class:`ExpertsUnavailable`. A shard that no longer holds the copy asked for
+    (:class:`StalePlacement`) first makes the dispatcher ask ``on_stale`` for a
+    newer placement; only if there is none is the shard treated as down.
+
+    Placements change at step boundaries: the engine wraps each step in
+    :meth:`step`, and :meth:`switch` (from another thread) hands over a new
+    placement that the next step starts with. ``recorder`` (a
+    :class:`~router_service.load_recorder.LoadRecorder`) counts every layer's
+    tokens per expert and slot.
     """
 
     def __init__(self, placement: Placement, transport: ExpertTransport, max_retries: int = 3,
-                 down_seconds: float = 2.0):
+                 down_seconds: float = 2.0, recorder=None, on_stale: Callable[[], Placement | None] | None = None):
         self.placement = placement
         self.transport = transport
         self.max_retries = max_retries
         self.down_seconds = down_seconds
+        self.recorder = recorder
+        self.on_stale = on_stale
         self._down: dict[int, float] = {}  # shard -> monotonic time it was marked down
+        self._step_lock = threading.Lock()
+        self._pending: Placement | None = None
+        self._pending_lock = threading.Lock()
 
     def _live_placement(self) -> Placement:
         if not self._down:
@@ -124,8 +142,47 @@ class ExpertDispatcher:
         return self.placement.without_shards(set(self._down)) if self._down else self.placement
 
     def set_placement(self, placement: Placement) -> None:
-        """Switch to a new placement; takes effect at the next submitted layer."""
+        """Switch to a new placement now (the caller is between steps or inside one)."""
+        if self.recorder is not None and placement.num_slots != self.placement.num_slots:
+            self.recorder.resize_slots(placement.num_slots)
         self.placement = placement
+
+    def _adopt_pending(self) -> None:
+        with self._pending_lock:
+            p, self._pending = self._pending, None
+        if p is not None:
+            self.set_placement(p)
+
+    @contextmanager
+    def step(self):
+        """Wrap one engine step: a placement handed to :meth:`switch` is adopted at its start
+        and none changes under it (a step finishes on the epoch it started with)."""
+        with self._step_lock:
+            if self._pending is not None:
+                self._adopt_pending()
+            yield
+
+    def switch(self, placement: Placement, timeout: float = 30.0) -> bool:
+        """Hand ``placement`` over for the next step boundary; wait until it is in force.
+
+        If no step is running it is adopted at once. Returns False if it was not
+        adopted within ``timeout`` (it stays pending and the next step adopts it).
+        """
+        with self._pending_lock:
+            self._pending = placement
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._step_lock.acquire(timeout=0.01):
+                try:
+                    if self._pending is placement:
+                        self._adopt_pending()
+                finally:
+                    self._step_lock.release()
+            if self.placement is placement or (self._pending is not placement
+                                               and self.placement.epoch >= placement.epoch):
+                return True
+            if time.monotonic() >= deadline:
+                return False
 
     def submit(self, moe_layer: int, hidden: torch.Tensor, weights: torch.Tensor,
                ids: torch.Tensor) -> PendingExperts:
@@ -135,6 +192,8 @@ class ExpertDispatcher:
             placement = self._live_placement()  # one epoch for the whole layer
             p.plan, batches = plan_dispatch(hidden, ids, placement, moe_layer)
             p.future = self.transport.submit(moe_layer, batches, placement.epoch)
+            if self.recorder is not None:
+                self.recorder.record(moe_layer, ids, p.plan.slots)
         return p
 
     def finish(self, p: PendingExperts) -> torch.Tensor:
@@ -147,12 +206,18 @@ class ExpertDispatcher:
             except ShardUnavailable as e:
                 if attempt == self.max_retries:
                     raise
-                log.warning("shard %d unavailable (%s); retrying MoE layer %d on other copies",
-                            e.shard, e, p.moe_layer)
-                self._down[e.shard] = time.monotonic()
-                refresh = getattr(self.transport, "refresh", None)
-                if refresh is not None:
-                    refresh(e.shard)
+                newer = self.on_stale() if isinstance(e, StalePlacement) and self.on_stale else None
+                if newer is not None:
+                    log.info("shard %d: %s; re-planning MoE layer %d on placement epoch %d",
+                             e.shard, e.message, p.moe_layer, newer.epoch)
+                    self.set_placement(newer)
+                else:
+                    log.warning("shard %d unavailable (%s); retrying MoE layer %d on other copies",
+                                e.shard, e, p.moe_layer)
+                    self._down[e.shard] = time.monotonic()
+                    refresh = getattr(self.transport, "refresh", None)
+                    if refresh is not None:
+                        refresh(e.shard)
                 placement = self._live_placement()
                 p.plan, batches = plan_dispatch(p.hidden, p.ids, placement, p.moe_layer)
                 p.future = self.transport.submit(p.moe_layer, batches, placement.epoch)

@@ -330,7 +330,7 @@ def _relabel(assign: torch.Tensor, current: Placement) -> torch.Tensor:
 
 
 def plan_placement(load, num_shards: int, slots_per_shard: int, current: Placement | None = None,
-                   epoch: int | None = None) -> Placement:
+                   epoch: int | None = None, keep_tolerance: float = 0.0) -> Placement:
     """Plan a placement for ``load [L, E]`` tokens per expert onto ``num_shards`` x ``slots_per_shard`` slots.
 
     Returns a :class:`Placement` with ``phy2log [L, P]``, ``P = N * S >= E`` (else
@@ -338,6 +338,9 @@ def plan_placement(load, num_shards: int, slots_per_shard: int, current: Placeme
     ``current`` (same ``L``, ``P`` and ``N``; otherwise ignored) is used to keep
     moves few: planning again from the same load with ``current`` = the plan moves
     nothing. ``epoch`` defaults to ``current.epoch + 1`` (0 without ``current``).
+    ``keep_tolerance``: a layer keeps ``current``'s row unchanged when its max shard
+    load there is within ``(1 + keep_tolerance)`` of the plan's (a move that wins
+    almost nothing is not worth its bytes; load drift then moves few slots).
     """
     ld = _check_load(load)
     L, E = ld.shape
@@ -360,6 +363,12 @@ def plan_placement(load, num_shards: int, slots_per_shard: int, current: Placeme
               and current.num_shards == N)
     if usable:
         assign = _relabel(assign, current)
+        cur_peak = placement_shard_load(ld, current).max(dim=1).values  # [L]
+        new_peak = peak.min(dim=0).values
+        keep = cur_peak <= new_peak * (1.0 + keep_tolerance)
+        if bool(keep.any()):
+            assign = assign.reshape(L, P).clone()
+            assign[keep] = current.phy2log[keep]
     if epoch is None:
         epoch = current.epoch + 1 if current is not None else 0
     return Placement(assign.reshape(L, P).contiguous(), N, epoch)

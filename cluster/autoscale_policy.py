@@ -1,0 +1,95 @@
+"""When to rebalance: the autoscaler's decision as a pure function (no I/O, no clock).
+
+A rebalance is never free (weights move, routers switch), so the policy acts only when
+
+* enough tokens were seen for the load to mean something (``min_tokens``),
+* the minimum per-layer balancedness (mean / max tokens per shard, predicted from the
+  smoothed expert load ``[L, E]`` under the current placement) stayed below ``threshold``
+  for ``sustain_s``,
+* the last move is at least ``cooldown_s`` ago, and
+* the planned placement raises that minimum by at least ``min_gain``.
+
+``force`` (``moeyard rebalance``) skips the threshold, sustain and cool-down checks, not the
+load and gain checks' arithmetic: a forced plan identical to the current one is reported, not applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from router_service.placement import Placement
+from router_service.planner import count_moves, min_balancedness, plan_placement
+
+
+class AutoscalerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    interval_s: float = Field(2.0, gt=0, description="how often the load is read and a decision taken")
+    lookback_s: float = Field(30.0, gt=0, description="load windows considered")
+    half_life_windows: float = Field(2.0, gt=0, description="exponential smoothing over windows")
+    threshold: float = Field(0.9, gt=0, le=1, description="act when min balancedness stays below this")
+    sustain_s: float = Field(6.0, ge=0, description="...for at least this long")
+    cooldown_s: float = Field(30.0, ge=0, description="quiet time after a move")
+    min_gain: float = Field(0.05, ge=0, description="predicted min-balancedness gain a move must bring")
+    min_tokens: int = Field(256, ge=0, description="tokens in the smoothed load needed to act")
+    drain_timeout_s: float = Field(10.0, gt=0, description="wait for replicas to switch epochs")
+    reconcile_interval_s: float = Field(5.0, gt=0, description="check that shards hold their slots")
+
+
+@dataclass
+class PolicyState:
+    below_since: float | None = None
+    last_move: float | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    act: bool
+    reason: str
+    balancedness_before: float | None = None
+    balancedness_after: float | None = None
+    plan: Placement | None = None
+    slots_moved: int = 0
+
+
+def decide(load: torch.Tensor, current: Placement, state: PolicyState, settings: AutoscalerSettings,
+           now: float, force: bool = False) -> Decision:
+    """Whether to move from ``current`` given smoothed ``load [L, E]``; updates ``state.below_since``.
+
+    The caller sets ``state.last_move`` once a move is applied.
+    """
+    total = float(load.sum())
+    if total < max(settings.min_tokens, 1):
+        state.below_since = None
+        return Decision(False, f"not enough load to judge ({total:.0f} tokens < {settings.min_tokens})")
+    before = min_balancedness(load, current)
+    if not force:
+        if before >= settings.threshold:
+            state.below_since = None
+            return Decision(False, f"balanced: {before:.3f} >= threshold {settings.threshold}", before)
+        if state.below_since is None:
+            state.below_since = now
+        waited = now - state.below_since
+        if waited < settings.sustain_s:
+            return Decision(False, f"{before:.3f} < threshold {settings.threshold} for {waited:.1f}s "
+                                   f"(< {settings.sustain_s}s)", before)
+        if state.last_move is not None and now - state.last_move < settings.cooldown_s:
+            return Decision(False, f"cool-down: last move {now - state.last_move:.1f}s ago "
+                                   f"(< {settings.cooldown_s}s)", before)
+    plan = plan_placement(load, current.num_shards, current.slots_per_shard, current=current,
+                          epoch=current.epoch)
+    after = min_balancedness(load, plan)
+    moved = count_moves(current, plan)
+    if moved == 0:
+        return Decision(False, f"the plan equals the current placement (balancedness {before:.3f})", before, after)
+    gain = after - before
+    if gain < settings.min_gain and not (force and gain > 0):
+        return Decision(False, f"gain too small: {before:.3f} -> {after:.3f} (< {settings.min_gain})",
+                        before, after)
+    why = "forced" if force else f"{before:.3f} < threshold {settings.threshold} for {now - state.below_since:.1f}s"
+    return Decision(True, f"{why}; plan {before:.3f} -> {after:.3f}, {moved} slots move", before, after,
+                    plan, moved)

@@ -1,0 +1,187 @@
+"""The autoscaler's control loop: read load windows, decide, migrate, reconcile, record events.
+
+:class:`AutoscalerCore` holds no Ray or Serve code; the ``Autoscaler`` Serve deployment
+(``cluster.serve_app``) runs :meth:`AutoscalerCore.tick` on a thread and exposes
+:meth:`AutoscalerCore.rebalance` to ``moeyard rebalance``. Every decision that acts (and
+every change of the reason it holds back) is logged with its reason and pushed to the
+event list in Redis for the dashboard and ``moeyard status``.
+
+If Redis is unreachable the loop skips its turn (nothing to read, nowhere to publish)
+and says so once; it acts again when Redis returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from cluster.autoscale_policy import AutoscalerSettings, Decision, PolicyState, decide
+from cluster.migration import MigrationError, Migrator, ShardControl, reconcile
+from cluster.placement_store import Event, push_event, read_placement, replica_epochs, write_placement
+from router_service.placement import Placement
+from router_service.planner import balancedness
+
+log = logging.getLogger("moeyard.autoscaler")
+
+
+class RedisPublisher:
+    """:class:`cluster.migration.EpochPublisher` over the placement store."""
+
+    def __init__(self, client, prefix: str, fingerprint: str):
+        self.client, self.prefix, self.fingerprint = client, prefix, fingerprint
+
+    def publish(self, placement: Placement) -> None:
+        write_placement(self.client, self.prefix, placement, self.fingerprint)
+
+    def replica_epochs(self) -> dict[str, int]:
+        return replica_epochs(self.client, self.prefix)
+
+
+def measured_balancedness(slot_counts: torch.Tensor, num_shards: int) -> torch.Tensor:
+    """``slot_counts [L, P]`` tokens each slot computed -> ``[L]`` mean / max tokens per shard."""
+    L, P = slot_counts.shape
+    return balancedness(slot_counts.view(L, num_shards, P // num_shards).sum(dim=2))
+
+
+@dataclass
+class TickResult:
+    decision: str
+    acted: bool
+    epoch: int | None = None
+    balancedness_before: float | None = None
+    balancedness_after: float | None = None
+    slots_moved: int = 0
+    seconds: float = 0.0
+
+
+class AutoscalerCore:
+    """One cluster's autoscaler. ``load_reader(since_s) -> [L, E]`` gives the smoothed load."""
+
+    def __init__(self, settings: AutoscalerSettings, client, prefix: str, fingerprint: str,
+                 shards: ShardControl, load_reader, num_layers: int, num_experts: int):
+        self.settings = settings
+        self.client = client
+        self.prefix = prefix
+        self.fingerprint = fingerprint
+        self.shards = shards
+        self.load_reader = load_reader
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self.state = PolicyState()
+        self.migrator = Migrator(shards, RedisPublisher(client, prefix, fingerprint),
+                                 drain_timeout_s=settings.drain_timeout_s)
+        self._lock = threading.Lock()  # one decision / migration / reconcile at a time
+        self._last_reason: str | None = None
+        self._last_reconcile = 0.0
+        self._redis_failing = False
+        self.rebalances = 0
+
+    # -- helpers -----------------------------------------------------------------------
+    def current(self) -> Placement:
+        stored = read_placement(self.client, self.prefix)
+        if stored is None:
+            raise RuntimeError("no placement published yet (the shard manager publishes it at start)")
+        if stored.fingerprint != self.fingerprint:
+            raise RuntimeError(f"the published placement is for {stored.fingerprint!r}, not {self.fingerprint!r}")
+        return stored.placement
+
+    def _event(self, event: Event) -> None:
+        log.info("autoscaler %s: %s", event.kind, event.reason)
+        try:
+            push_event(self.client, self.prefix, event)
+        except Exception as e:
+            log.warning("could not store autoscaler event (%s)", e)
+
+    def _apply(self, current: Placement, decision: Decision, now: float) -> TickResult:
+        t0 = time.monotonic()
+        try:
+            placement, report = self.migrator.apply(current, decision.plan)
+        except MigrationError as e:
+            self._event(Event("rebalance_failed", f"{decision.reason}; {e}", epoch_before=current.epoch,
+                              balancedness_before=decision.balancedness_before))
+            raise
+        self.state.last_move = now
+        self.state.below_since = None
+        self.rebalances += 1
+        dt = time.monotonic() - t0
+        self._event(Event("rebalance", decision.reason, epoch_before=current.epoch, epoch_after=placement.epoch,
+                          balancedness_before=decision.balancedness_before,
+                          balancedness_after=decision.balancedness_after, duration_s=dt,
+                          slots_moved=report.slots_moved, bytes_loaded=report.bytes_loaded))
+        return TickResult(decision.reason, True, placement.epoch, decision.balancedness_before,
+                          decision.balancedness_after, report.slots_moved, dt)
+
+    # -- the loop's work ---------------------------------------------------------------
+    def tick(self, now: float | None = None, force: bool = False) -> TickResult:
+        """Read, decide and (maybe) migrate once. Raises on Redis errors (the loop logs them)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            current = self.current()
+            load = self.load_reader(self.settings.lookback_s)
+            decision = decide(load, current, self.state, self.settings, now, force=force)
+            if not decision.act:
+                if decision.reason.split(":")[0] != (self._last_reason or "").split(":")[0] or force:
+                    self._event(Event("skip", decision.reason, epoch_before=current.epoch,
+                                      balancedness_before=decision.balancedness_before,
+                                      balancedness_after=decision.balancedness_after))
+                self._last_reason = decision.reason
+                return TickResult(decision.reason, False, current.epoch, decision.balancedness_before,
+                                  decision.balancedness_after)
+            self._last_reason = None
+            return self._apply(current, decision, now)
+
+    def rebalance(self) -> TickResult:
+        """Plan and apply now (``moeyard rebalance``), whatever the threshold and cool-down say."""
+        return self.tick(force=True)
+
+    def reconcile(self, shard_ids) -> dict[int, tuple[int, int]]:
+        """Make every shard hold its part of the current placement (after a restart)."""
+        with self._lock:
+            current = self.current()
+            live = replica_epochs(self.client, self.prefix)
+            if any(e != current.epoch for e in live.values()):
+                return {}  # replicas still switching: a migration's copies are in flux
+            fixed = reconcile(self.shards, current, shard_ids)
+            if fixed:
+                self._event(Event("reconcile", f"shards {sorted(fixed)} reloaded/released copies to match "
+                                               f"epoch {current.epoch}: {fixed}", epoch_before=current.epoch,
+                                  epoch_after=current.epoch))
+            return fixed
+
+    def loop_once(self, shard_ids) -> None:
+        """One turn of the background loop; never raises."""
+        try:
+            now = time.monotonic()
+            if now - self._last_reconcile >= self.settings.reconcile_interval_s:
+                self._last_reconcile = now
+                try:
+                    self.reconcile(shard_ids)
+                except Exception as e:
+                    if not isinstance(e, _redis_errors()):
+                        log.warning("reconcile failed: %s", e)
+                    else:
+                        raise
+            if self.settings.enabled:
+                self.tick(now)
+            if self._redis_failing:
+                self._redis_failing = False
+                log.info("Redis reachable again; the autoscaler resumes")
+        except _redis_errors() as e:
+            if not self._redis_failing:
+                self._redis_failing = True
+                log.warning("Redis unreachable (%s); the autoscaler waits for it", type(e).__name__)
+        except Exception as e:
+            log.exception("autoscaler turn failed: %s", e)
+
+
+def _redis_errors():
+    import redis
+
+    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+def result_dict(r: TickResult) -> dict:
+    return asdict(r)
