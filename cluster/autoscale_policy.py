@@ -50,6 +50,8 @@ class PolicyState:
 class Decision:
     act: bool
     reason: str
+    code: str
+    """``low_load`` | ``balanced`` | ``sustain`` | ``cooldown`` | ``no_change`` | ``small_gain`` | ``act``."""
     balancedness_before: float | None = None
     balancedness_after: float | None = None
     plan: Placement | None = None
@@ -65,31 +67,32 @@ def decide(load: torch.Tensor, current: Placement, state: PolicyState, settings:
     total = float(load.sum())
     if total < max(settings.min_tokens, 1):
         state.below_since = None
-        return Decision(False, f"not enough load to judge ({total:.0f} tokens < {settings.min_tokens})")
+        return Decision(False, f"not enough load to judge ({total:.0f} tokens < {settings.min_tokens})", "low_load")
     before = min_balancedness(load, current)
     if not force:
         if before >= settings.threshold:
             state.below_since = None
-            return Decision(False, f"balanced: {before:.3f} >= threshold {settings.threshold}", before)
+            return Decision(False, f"balanced: {before:.3f} >= threshold {settings.threshold}", "balanced", before)
         if state.below_since is None:
             state.below_since = now
         waited = now - state.below_since
         if waited < settings.sustain_s:
             return Decision(False, f"{before:.3f} < threshold {settings.threshold} for {waited:.1f}s "
-                                   f"(< {settings.sustain_s}s)", before)
+                                   f"(< {settings.sustain_s}s)", "sustain", before)
         if state.last_move is not None and now - state.last_move < settings.cooldown_s:
             return Decision(False, f"cool-down: last move {now - state.last_move:.1f}s ago "
-                                   f"(< {settings.cooldown_s}s)", before)
+                                   f"(< {settings.cooldown_s}s)", "cooldown", before)
     plan = plan_placement(load, current.num_shards, current.slots_per_shard, current=current,
                           epoch=current.epoch)
     after = min_balancedness(load, plan)
     moved = count_moves(current, plan)
     if moved == 0:
-        return Decision(False, f"the plan equals the current placement (balancedness {before:.3f})", before, after)
+        return Decision(False, f"the plan equals the current placement (balancedness {before:.3f})", "no_change",
+                        before, after)
     gain = after - before
     if gain < settings.min_gain and not (force and gain > 0):
         return Decision(False, f"gain too small: {before:.3f} -> {after:.3f} (< {settings.min_gain})",
-                        before, after)
+                        "small_gain", before, after)
     why = "forced" if force else f"{before:.3f} < threshold {settings.threshold} for {now - state.below_since:.1f}s"
-    return Decision(True, f"{why}; plan {before:.3f} -> {after:.3f}, {moved} slots move", before, after,
-                    plan, moved)
+    return Decision(True, f"{why}; plan {before:.3f} -> {after:.3f}, {moved} slots move", "act", before,
+                    after, plan, moved)

@@ -74,18 +74,28 @@ class AutoscalerCore:
         self.migrator = Migrator(shards, RedisPublisher(client, prefix, fingerprint),
                                  drain_timeout_s=settings.drain_timeout_s)
         self._lock = threading.Lock()  # one decision / migration / reconcile at a time
-        self._last_reason: str | None = None
+        self._last_reason: str | None = None  # Decision.code of the last hold (events on change only)
         self._last_reconcile = 0.0
         self._redis_failing = False
+        self._last_placement: Placement | None = None
         self.rebalances = 0
 
     # -- helpers -----------------------------------------------------------------------
     def current(self) -> Placement:
+        """The published placement. If Redis lost it (restarted without persistence), the last
+        one this autoscaler saw is published again, so routers and restarted shards find it."""
         stored = read_placement(self.client, self.prefix)
         if stored is None:
-            raise RuntimeError("no placement published yet (the shard manager publishes it at start)")
+            if self._last_placement is None:
+                raise RuntimeError("no placement published yet (the shard manager publishes it at start)")
+            write_placement(self.client, self.prefix, self._last_placement, self.fingerprint)
+            self._event(Event("republish", f"the placement store was empty (Redis restarted?); published "
+                                           f"epoch {self._last_placement.epoch} again",
+                              epoch_before=self._last_placement.epoch, epoch_after=self._last_placement.epoch))
+            return self._last_placement
         if stored.fingerprint != self.fingerprint:
             raise RuntimeError(f"the published placement is for {stored.fingerprint!r}, not {self.fingerprint!r}")
+        self._last_placement = stored.placement
         return stored.placement
 
     def _event(self, event: Event) -> None:
@@ -106,6 +116,7 @@ class AutoscalerCore:
         self.state.last_move = now
         self.state.below_since = None
         self.rebalances += 1
+        self._last_placement = placement
         dt = time.monotonic() - t0
         self._event(Event("rebalance", decision.reason, epoch_before=current.epoch, epoch_after=placement.epoch,
                           balancedness_before=decision.balancedness_before,
@@ -123,11 +134,11 @@ class AutoscalerCore:
             load = self.load_reader(self.settings.lookback_s)
             decision = decide(load, current, self.state, self.settings, now, force=force)
             if not decision.act:
-                if decision.reason.split(":")[0] != (self._last_reason or "").split(":")[0] or force:
+                if decision.code != self._last_reason or force:
                     self._event(Event("skip", decision.reason, epoch_before=current.epoch,
                                       balancedness_before=decision.balancedness_before,
                                       balancedness_after=decision.balancedness_after))
-                self._last_reason = decision.reason
+                self._last_reason = decision.code
                 return TickResult(decision.reason, False, current.epoch, decision.balancedness_before,
                                   decision.balancedness_after)
             self._last_reason = None
@@ -170,6 +181,8 @@ class AutoscalerCore:
                 self._redis_failing = False
                 log.info("Redis reachable again; the autoscaler resumes")
         except _redis_errors() as e:
+            self.state.below_since = None  # no load seen meanwhile: the sustain clock starts again
+            self._last_reason = None  # the first decision after the outage is recorded
             if not self._redis_failing:
                 self._redis_failing = True
                 log.warning("Redis unreachable (%s); the autoscaler waits for it", type(e).__name__)

@@ -27,3 +27,10 @@ def initial_placement(cfg: ClusterConfig, spec: ModelSpec) -> Placement:
         placement = round_robin_placement(num_layers, num_experts, cfg.expert_shards, per_shard)
     placement.validate(num_experts)
     return placement
+
+
+def placement_fingerprint(cfg: ClusterConfig, spec: ModelSpec, placement: Placement) -> str:
+    """What a stored placement is for: a placement recovered from Redis is used only if the
+    model, dtype and cluster shape still match (a changed config starts from the static one)."""
+    return (f"{cfg.model_dir().resolve()}|{cfg.dtype or 'auto'}|L{spec.num_moe_layers}xE{spec.moe.num_experts}"
+            f"|N{placement.num_shards}xS{placement.slots_per_shard}")

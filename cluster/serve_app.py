@@ -3,9 +3,11 @@
 One application, built from a :class:`~cluster.config.ClusterConfig`, creates
 everything: the expert shards (Ray actors with their own gRPC servers, created
 by the ``ShardManager`` deployment), the attention replicas (``AttentionReplica``,
-each an engine with its own router reaching every shard over gRPC) and the
-public gRPC API (``ApiIngress``, which picks a replica per request through a
-Serve handle: least loaded of two random choices).
+each an engine with its own router reaching every shard over gRPC, counting
+expert load into Redis and following the published placement), the
+``Autoscaler`` (rebalances live, reconciles shards) and the public gRPC API
+(``ApiIngress``, which picks a replica per request through a Serve handle:
+least loaded of two random choices).
 """
 
 from __future__ import annotations
@@ -45,27 +47,62 @@ class ShardManager:
     """Creates the expert shard actors of the placement and reports on them."""
 
     async def __init__(self, cfg: dict):
-        from cluster.placement_config import initial_placement
+        from cluster.placement_config import initial_placement, placement_fingerprint
         from cluster.spec import load_spec
-        from expert_actors.shard_actor import create_shard_actor
 
         self.cfg = _cfg(cfg)
         self.spec = load_spec(self.cfg.model_dir())
         self.actors = []
         self.placement = None
+        self.fingerprint = None
+        self.redis = None
         if self.spec.moe is None:  # dense baseline: no routed experts, no shards
             return
-        self.placement = initial_placement(self.cfg, self.spec)
+        placement = initial_placement(self.cfg, self.spec)
+        self.fingerprint = placement_fingerprint(self.cfg, self.spec, placement)
+        recovered = False
+        if self.cfg.redis.enabled:
+            placement, recovered = await asyncio.to_thread(self._recover_or_publish, placement)
+        self.placement = placement
         dtype = _dtype_name(self.cfg, self.spec)
-        for shard in range(self.placement.num_shards):
-            _kill_named(shard_actor_name(self.cfg, shard), self.cfg.namespace)  # stale shard of an earlier deploy
-            self.actors.append(create_shard_actor(
-                shard, str(self.cfg.model_dir()), self.placement.shard_slots(shard), dtype,
-                host="127.0.0.1", num_threads=self.cfg.torch_threads, num_cpus=self.cfg.shard_num_cpus,
-                use_gpu=self.cfg.use_gpu, name=shard_actor_name(self.cfg, shard), namespace=self.cfg.namespace,
-                detached=True))
+        for shard in range(placement.num_shards):
+            name = shard_actor_name(self.cfg, shard)
+            actor = await asyncio.to_thread(_live_actor, name, self.cfg.namespace) if recovered else None
+            if actor is None:
+                _kill_named(name, self.cfg.namespace)  # stale shard of an earlier deploy
+                actor = self._create_shard(shard, dtype)
+            self.actors.append(actor)
         await asyncio.wait_for(asyncio.gather(*[a.ready.remote() for a in self.actors]), timeout=300)
-        log.info("%d expert shards ready", len(self.actors))
+        log.info("%d expert shards ready (placement epoch %d%s)", len(self.actors), placement.epoch,
+                 ", recovered from Redis" if recovered else "")
+
+    def _create_shard(self, shard: int, dtype: str):
+        from expert_actors.shard_actor import create_shard_actor
+
+        c = self.cfg
+        return create_shard_actor(
+            shard, str(c.model_dir()), self.placement.shard_slots(shard), dtype, host="127.0.0.1",
+            num_threads=c.torch_threads, num_cpus=c.shard_num_cpus, use_gpu=c.use_gpu,
+            name=shard_actor_name(c, shard), namespace=c.namespace, detached=True,
+            redis=c.redis.model_dump(mode="json"), fingerprint=self.fingerprint)
+
+    def _recover_or_publish(self, initial):
+        """The placement in Redis if it is for this deployment (a restarted manager, a redeploy
+        with the same config), else ``initial`` published under a newer epoch."""
+        from cluster.placement_store import read_placement, write_placement
+        from cluster.redis_conn import check_reachable, connect
+        from router_service.placement import Placement
+
+        check_reachable(self.cfg.redis)
+        self.redis = connect(self.cfg.redis)
+        prefix = self.cfg.redis.key_prefix
+        stored = read_placement(self.redis, prefix)
+        if stored is not None and stored.fingerprint == self.fingerprint:
+            return stored.placement, True
+        epoch = stored.placement.epoch + 1 if stored is not None else 0
+        placement = Placement(initial.phy2log, initial.num_shards, epoch)
+        write_placement(self.redis, prefix, placement, self.fingerprint)
+        return placement, False
 
     def __del__(self):
         # graceful shutdown of the app (serve.delete, redeploy): the shards go with it
@@ -76,10 +113,24 @@ class ShardManager:
                 pass
 
     async def placement_info(self) -> dict | None:
+        """The placement in force (Redis's when there is one: the autoscaler moves it)."""
         p = self.placement
         if p is None:
             return None
-        return {"phy2log": p.phy2log.tolist(), "num_shards": p.num_shards, "epoch": p.epoch}
+        if self.redis is not None:
+            from cluster.placement_store import read_placement
+
+            try:
+                stored = await asyncio.to_thread(read_placement, self.redis, self.cfg.redis.key_prefix)
+                if stored is not None and stored.fingerprint == self.fingerprint:
+                    p = stored.placement
+            except Exception as e:  # Redis down: what we started with
+                log.warning("placement store unreachable (%s)", type(e).__name__)
+        return {"phy2log": p.phy2log.tolist(), "num_shards": p.num_shards, "epoch": p.epoch,
+                "fingerprint": self.fingerprint}
+
+    async def num_shards(self) -> int:
+        return len(self.actors)
 
     async def addresses(self) -> dict[int, str]:
         addrs = await asyncio.gather(*[a.address.remote() for a in self.actors])
@@ -95,6 +146,16 @@ class ShardManager:
                 st = {"shard_id": shard, "healthy": False, "error": f"{type(e).__name__}: {e}"}
             out.append(st)
         return out
+
+
+def _live_actor(name: str, namespace: str):
+    """The named actor if it exists and answers within a few seconds, else ``None``."""
+    try:
+        actor = ray.get_actor(name, namespace=namespace)
+        ray.get(actor.ready.remote(), timeout=10)
+        return actor
+    except Exception:
+        return None
 
 
 def _kill_named(name: str, namespace: str) -> None:
@@ -155,7 +216,29 @@ class AttentionReplica:
             enable_prefix_caching=e.enable_prefix_caching, overlap=c.overlap),
             transport=self.transport, placement=placement)
         self.engine = AsyncEngine(engine, max_waiting=e.max_waiting)
-        self.replica_id = os.getpid()
+        self.replica_id = replica_id()
+        self.flusher = self.follower = None
+        if placement is not None and c.redis.enabled:
+            self._start_load_stats(engine, placement)
+
+    def _start_load_stats(self, engine, placement) -> None:
+        """Count tokens per expert and slot, flush them to Redis, follow the published placement."""
+        from cluster.load_store import LoadFlusher
+        from cluster.redis_conn import connect
+        from router_service.load_recorder import LoadRecorder
+        from router_service.placement_follower import PlacementFollower
+
+        c = self.cfg
+        client = connect(c.redis)
+        dispatcher = engine.router.dispatcher
+        dispatcher.recorder = LoadRecorder(placement.num_layers, placement.num_experts, placement.num_slots)
+        self.flusher = LoadFlusher(dispatcher.recorder, lambda: client, c.redis, self.replica_id,
+                                   epoch_fn=lambda: (dispatcher.placement.epoch, dispatcher.placement.num_slots))
+        self.flusher.start()
+        self.follower = PlacementFollower(dispatcher, client, c.redis.key_prefix, self.replica_id,
+                                          placement.num_layers, placement.num_experts)
+        dispatcher.on_stale = self.follower.refresh
+        self.follower.start()
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict):
         """Stream dicts: new ``token_ids`` per step, ``finish_reason`` on the last;
@@ -177,14 +260,98 @@ class AttentionReplica:
             yield {"error": "unavailable", "message": str(e)}
 
     async def stats(self) -> dict:
+        from dataclasses import asdict
+
         s = self.engine.stats()
-        return {"replica": self.replica_id, "running": s.running, "waiting": s.waiting,
-                "kv_cache_usage": s.kv_cache_usage, "num_blocks": s.num_blocks}
+        out = {"replica": self.replica_id, "running": s.running, "waiting": s.waiting,
+               "kv_cache_usage": s.kv_cache_usage, "num_blocks": s.num_blocks}
+        if self.flusher is not None:
+            out["load_stats"] = asdict(self.flusher.stats())
+            out["placement_epoch"] = self.engine.engine.router.dispatcher.placement.epoch
+            out["placement_follower"] = asdict(self.follower.stats)
+        return out
 
     def __del__(self):
+        for part in ("follower", "flusher"):
+            obj = getattr(self, part, None)
+            if obj is not None:
+                try:
+                    obj.stop()
+                except Exception:
+                    pass
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def replica_id() -> str:
+    """This process's id in Redis keys (letters, digits, ``_.-``)."""
+    import re
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", f"{socket.gethostname()}-{os.getpid()}")[:60]
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, health_check_period_s=2)
+class Autoscaler:
+    """Reads the load windows, rebalances live and reconciles shards (see ``cluster.autoscaler``)."""
+
+    async def __init__(self, cfg: dict, shard_manager):
+        import threading
+
+        self.cfg = c = _cfg(cfg)
+        self.core = None
+        self._stop = threading.Event()
+        info = await shard_manager.placement_info.remote()
+        if info is None or not c.redis.enabled:
+            log.info("autoscaler off: %s", "dense model" if info is None else "no Redis configured")
+            return
+        from cluster.autoscaler import AutoscalerCore
+        from cluster.load_store import read_load, smooth
+        from cluster.migration import GrpcShardControl
+        from cluster.redis_conn import connect
+        from router_service.grpc_transport import GrpcTransport
+
+        client = connect(c.redis)
+        prefix = c.redis.key_prefix
+        L, P = len(info["phy2log"]), len(info["phy2log"][0])
+        E = max(max(r) for r in info["phy2log"]) + 1
+        self.num_shards = info["num_shards"]
+        self.transport = GrpcTransport(_resolver(c))
+        half_life = c.autoscaler.half_life_windows
+
+        def load_reader(since_s: float) -> torch.Tensor:
+            w = read_load(client, prefix, since_s)
+            if w.num_windows == 0:
+                return torch.zeros(L, E, dtype=torch.float64)
+            return smooth(w.expert_counts.to(torch.float64), half_life)
+
+        self.core = AutoscalerCore(c.autoscaler, client, prefix, info["fingerprint"],
+                                   GrpcShardControl(self.transport), load_reader, L, E)
+        self._thread = threading.Thread(target=self._loop, name="autoscaler", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.cfg.autoscaler.interval_s):
+            self.core.loop_once(range(self.num_shards))
+
+    async def rebalance(self) -> dict:
+        """Plan and apply a placement now (``moeyard rebalance``)."""
+        from cluster.autoscaler import result_dict
+
+        if self.core is None:
+            raise RuntimeError("the autoscaler is off (dense model or no Redis configured)")
+        return result_dict(await asyncio.to_thread(self.core.rebalance))
+
+    async def events(self, limit: int = 50) -> list[dict]:
+        from cluster.placement_store import read_events
+
+        if self.core is None:
+            return []
+        return await asyncio.to_thread(read_events, self.core.client, self.core.prefix, limit)
+
+    def __del__(self):
+        self._stop.set()
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, health_check_period_s=2,
@@ -192,7 +359,7 @@ class AttentionReplica:
 class ApiIngress:
     """The public gRPC API (moeyard.v1.Inference, health, reflection)."""
 
-    async def __init__(self, cfg: dict, replicas, shard_manager):
+    async def __init__(self, cfg: dict, replicas, shard_manager, autoscaler=None):
         from attention.tokenizer import load_tokenizer
         from cluster.api_server import serve_api
         from cluster.serve_backend import ServeBackend
@@ -204,6 +371,7 @@ class ApiIngress:
         if c.require_auth:
             token = os.environ.get("MOEYARD_API_TOKEN") or _read_token(c)
         backend = ServeBackend(replicas, shard_manager, spec, c)
+        self.autoscaler = autoscaler
         self.server = await serve_api(backend, load_tokenizer(c.model_dir()), host=c.api_host, port=c.api_port,
                                       auth_token=token, require_auth=c.require_auth,
                                       max_new_tokens_limit=c.engine.max_new_tokens_limit)
@@ -238,7 +406,8 @@ def build_app(cfg: ClusterConfig | dict):
         num_replicas=c.attention_replicas,
         max_ongoing_requests=e.max_num_seqs + e.max_waiting + 8,
         ray_actor_options={"num_cpus": c.replica_num_cpus}).bind(d, shards)
-    return ApiIngress.bind(d, replicas, shards)
+    autoscaler = Autoscaler.bind(d, shards)
+    return ApiIngress.bind(d, replicas, shards, autoscaler)
 
 
 def app_builder(args: dict):

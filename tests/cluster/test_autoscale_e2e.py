@@ -1,0 +1,171 @@
+"""The autoscaler on a real local Ray cluster with a real redis-server, under skewed traffic.
+
+A Mixtral checkpoint made with a Zipf(1.2) router skew is served by 2 shards x 5 slots
+(one redundant slot each) and 2 attention replicas; a stream of greedy requests runs
+while the autoscaler notices the imbalance in the load windows and migrates live.
+Every request must complete with the tokens of the in-process engine, and the measured
+minimum per-layer balancedness (mean / max tokens per shard, from the routers' slot
+counts) must rise from its static value to >= 0.9. Then Redis is killed mid-traffic:
+no request fails; when it returns, load windows and autoscaler decisions resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from attention.engine import EngineConfig, LLMEngine
+from attention.sequence import SamplingParams
+from cluster.autoscale_policy import AutoscalerSettings
+from cluster.autoscaler import measured_balancedness
+from cluster.config import ClusterConfig, EngineSettings
+from cluster.load_store import read_load
+from cluster.make_model import MakeModelOptions, make_model
+from cluster.placement_store import read_events, read_placement
+from cluster.redis_conn import RedisSettings
+from cluster.redis_server import LocalRedis
+from cluster.serve_app import APP_NAME, build_app
+from moeyard.client import AsyncMoeyardClient
+
+pytestmark = pytest.mark.timeout(600)
+TOKEN = "autoscale-test-token-0123456789"
+NEW_TOKENS = 40
+PREFIX = "autoscale-test"
+
+
+@pytest.fixture(scope="module")
+def skewed_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("skewed")
+    make_model(MakeModelOptions(family="mixtral", layers=2, hidden=64, intermediate=96, experts=8, top_k=2,
+                                heads=4, kv_heads=2, vocab=512, dtype="float32", seed=3, skew=1.2), d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def redis_info(tmp_path_factory):
+    info = LocalRedis.start(tmp_path_factory.mktemp("redis"))
+    yield info
+    if LocalRedis.is_alive(info):
+        LocalRedis.stop(info)
+
+
+def _prompts(n: int = 12) -> list[list[int]]:
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(3, 256, (int(torch.randint(4, 24, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def reference(skewed_model):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = LLMEngine(skewed_model, EngineConfig(dtype="float32"))
+        return engine.generate(_prompts(), SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def app(skewed_model, redis_info, ray_serve, tmp_path_factory):
+    from ray import serve
+
+    token_file = tmp_path_factory.mktemp("tok") / "token"
+    token_file.write_text(TOKEN)
+    cfg = ClusterConfig(
+        model=str(skewed_model), dtype="float32", namespace="autoscale-test", expert_shards=2,
+        redundant_slots_per_shard=1, attention_replicas=2, torch_threads=1, api_token_file=str(token_file),
+        engine=EngineSettings(kv_cache_mib=16),
+        redis=RedisSettings(url=redis_info.url, password_file=redis_info.password_file, key_prefix=PREFIX,
+                            window_s=1.0, flush_interval_s=0.2, socket_timeout_s=0.3),
+        autoscaler=AutoscalerSettings(interval_s=0.5, lookback_s=6, half_life_windows=3, threshold=0.9,
+                                      sustain_s=6, cooldown_s=600, min_gain=0.05, min_tokens=300,
+                                      drain_timeout_s=10, reconcile_interval_s=2))
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix=None)
+    addr = serve.get_app_handle(APP_NAME).address.remote().result(timeout_s=120)
+    yield addr
+    serve.delete(APP_NAME)
+
+
+async def _round(addr: str, prompts) -> list[list[int]]:
+    client = AsyncMoeyardClient(addr, token=TOKEN, timeout=120)
+    try:
+        res = await asyncio.gather(*[client.generate_all(p, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+                                     for p in prompts])
+    finally:
+        await client.close()
+    return [r.token_ids for r in res]
+
+
+def _min_measured(client, since: float, until: float, num_shards: int = 2) -> tuple[float, int]:
+    """Minimum per-layer balancedness of the slot counts in windows starting in [since, until)."""
+    w = read_load(client, PREFIX, since_s=time.time() - since + 1)
+    keep = [i for i, s in enumerate(w.starts.tolist()) if since <= s < until and bool(w.slot_complete[i])]
+    assert keep, f"no complete load windows between {since:.1f} and {until:.1f}"
+    counts = w.slot_counts[keep].sum(dim=0)
+    return float(measured_balancedness(counts, num_shards).min()), int(counts.sum())
+
+
+def test_autoscaler_rebalances_live_without_changing_outputs(app, reference, redis_info):
+    client = redis_info.client()
+    prompts = _prompts()
+    t_start = time.time()
+    rebalance = None
+    deadline = time.monotonic() + 240
+    rounds_after = 0
+    while rounds_after < 3:
+        assert time.monotonic() < deadline, f"no rebalance; events: {read_events(client, PREFIX)[:5]}"
+        assert asyncio.run(_round(app, prompts)) == reference
+        if rebalance is None:
+            done = [e for e in read_events(client, PREFIX) if e["kind"] == "rebalance"]
+            if done:
+                rebalance = done[-1]
+        else:
+            rounds_after += 1
+    t_end = time.time()
+    stored = read_placement(client, PREFIX)
+    assert stored.placement.epoch == rebalance["epoch_after"] > rebalance["epoch_before"]
+    assert rebalance["slots_moved"] > 0 and rebalance["bytes_loaded"] > 0
+    moved_at = rebalance["time"]
+    static, n_before = _min_measured(client, t_start, moved_at - rebalance["duration_s"])
+    after, n_after = _min_measured(client, moved_at + 0.5, t_end)
+    assert n_before > 0 and n_after > 0
+    assert static < 0.9, f"the skewed model should start unbalanced, measured {static:.3f}"
+    assert after >= 0.9, f"balancedness after the move {after:.3f} (static {static:.3f})"
+
+
+def test_redis_killed_mid_traffic_costs_nothing(app, reference, redis_info, tmp_path):
+    from ray import serve
+
+    prompts = _prompts()
+
+    async def kill_during_round():
+        task = asyncio.ensure_future(_round(app, prompts))
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(LocalRedis.stop, redis_info)
+        return await task
+
+    assert asyncio.run(kill_during_round()) == reference
+    assert asyncio.run(_round(app, prompts)) == reference  # serving goes on without Redis
+    replicas = serve.get_deployment_handle("AttentionReplica", APP_NAME)
+    st = replicas.stats.remote().result(timeout_s=30)
+    assert st["load_stats"]["flushes_failed"] > 0 and st["load_stats"]["failing"]
+
+    # Redis returns (empty: no persistence), on the same port and password
+    LocalRedis.start(redis_info.dir, port=redis_info.port, password_file=redis_info.password_file)
+    back = time.time()
+    client = redis_info.client()
+    deadline = time.monotonic() + 60
+    while True:
+        assert asyncio.run(_round(app, prompts)) == reference
+        w = read_load(client, PREFIX, since_s=60)
+        events = [e for e in read_events(client, PREFIX) if e["time"] >= back]
+        if w.num_windows and float(w.starts.max()) >= back and events and read_placement(client, PREFIX):
+            break
+        assert time.monotonic() < deadline, f"stats/autoscaler did not resume: windows {w.num_windows}, " \
+                                            f"events {events}"
+    assert any(e["kind"] == "republish" for e in events), events
+    assert read_placement(client, PREFIX).placement.epoch >= 1
