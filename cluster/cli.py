@@ -114,8 +114,19 @@ def _add_cluster(sub) -> None:
     p.add_argument("--no-auth", dest="require_auth", action="store_false", default=None,
                    help="serve the API without a token (never do this off loopback)")
     p.add_argument("--address", help="join this Ray cluster instead of starting a head")
+    p.add_argument("--redis", metavar="URL",
+                   help="Redis for load statistics and the placement (redis:// or rediss://); default: start "
+                        "a redis-server of our own on a free loopback port")
+    p.add_argument("--redis-password-file", metavar="FILE",
+                   help="file holding the Redis password (or set MOEYARD_REDIS_PASSWORD)")
+    p.add_argument("--no-autoscaler", dest="autoscale", action="store_false", default=None,
+                   help="keep the placement static (load statistics are still recorded)")
     p.add_argument("--detach", action="store_true", help="return once healthy; the cluster keeps running")
     p.set_defaults(func=cmd_up)
+    p = sub.add_parser("rebalance", help="plan a placement from the recorded load and apply it live, now")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=lambda args: __import__("cluster.local_cluster", fromlist=["rebalance"]).rebalance(
+        args.json))
     p = sub.add_parser("down", help="stop the cluster started by `moeyard up`")
     p.set_defaults(func=lambda args: __import__("cluster.local_cluster", fromlist=["down"]).down())
     p = sub.add_parser("status", help="shards, slots, replicas and health of the running cluster")
@@ -130,6 +141,11 @@ def cmd_up(args) -> int:
     cfg = load_config(args.config, model=args.model, expert_shards=args.expert_shards,
                       attention_replicas=args.attention_replicas, api_port=args.api_port, api_host=args.api_host,
                       dtype=args.dtype, overlap=args.overlap, require_auth=args.require_auth)
+    redis = {k: v for k, v in (("url", args.redis), ("password_file", args.redis_password_file)) if v}
+    if redis:
+        cfg = cfg.model_copy(update={"redis": type(cfg.redis).model_validate({**cfg.redis.model_dump(), **redis})})
+    if args.autoscale is False:
+        cfg = cfg.model_copy(update={"autoscaler": cfg.autoscaler.model_copy(update={"enabled": False})})
     return up(cfg, args.address, args.detach)
 
 

@@ -1,10 +1,12 @@
 """``moeyard up`` / ``status`` / ``down`` on this machine.
 
 ``up`` starts a Ray head (``ray start --head``: Ray outlives the command) or
-joins one (``--address``), deploys the one Serve application built from the
-config, waits until the API answers its health check and prints
-``API 127.0.0.1:PORT``. State lives in ``~/.moeyard/state.json`` so that
-``down`` (no arguments) finds and stops everything.
+joins one (``--address``), starts a ``redis-server`` of its own on a free
+loopback port (unless ``--redis URL`` names one, which must answer), deploys the
+one Serve application built from the config, waits until the API answers its
+health check and prints ``API 127.0.0.1:PORT``. State lives in
+``~/.moeyard/state.json`` so that ``down`` (no arguments) finds and stops
+everything.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = MOEYARD_HOME / "state.json"
 LOG_DIR = MOEYARD_HOME / "logs"
+REDIS_DIR = MOEYARD_HOME / "redis"
 DEMO_MODEL = dict(family="mixtral", layers=4, hidden=256, intermediate=512, experts=8, top_k=2, heads=8,
                   kv_heads=2, vocab=4096, dtype="bfloat16", seed=0)
 
@@ -39,6 +42,11 @@ class ClusterState:
     namespace: str
     model: str
     pid: int
+    redis_url: str | None = None
+    """Redacted: never a password."""
+    redis_prefix: str | None = None
+    local_redis: dict | None = None
+    """The redis-server ``up`` started (``LocalRedisInfo``), stopped by ``down``."""
 
 
 def ray_env() -> None:
@@ -171,15 +179,38 @@ def up(cfg: ClusterConfig, address: str | None, detach: bool) -> int:
         return 2
     if cfg.require_auth:
         ensure_token(cfg.token_file())
+    from cluster.redis_conn import RedisUnavailable, check_reachable
+    from cluster.redis_server import LocalRedis
+
+    local_redis = None
+    if cfg.redis.enabled:
+        try:
+            check_reachable(cfg.redis, timeout=5)
+        except RedisUnavailable as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    else:
+        local_redis = LocalRedis.start(REDIS_DIR)
+        cfg = cfg.model_copy(update={"redis": cfg.redis.model_copy(
+            update={"url": local_redis.url, "password_file": local_redis.password_file})})
     started = address is None
-    ray_address = address or start_ray_head(cfg)
+    try:
+        ray_address = address or start_ray_head(cfg)
+    except BaseException:
+        if local_redis is not None:
+            LocalRedis.stop(local_redis)
+        raise
     try:
         api = deploy(cfg, ray_address)
     except BaseException:
         if started:
             stop_ray()
+        if local_redis is not None:
+            LocalRedis.stop(local_redis)
         raise
-    save_state(ClusterState(ray_address, started, api, cfg.namespace, str(cfg.model_dir()), os.getpid()))
+    save_state(ClusterState(ray_address, started, api, cfg.namespace, str(cfg.model_dir()), os.getpid(),
+                            cfg.redis.redacted_url(), cfg.redis.key_prefix,
+                            local_redis.to_dict() if local_redis else None))
     print(f"API {api}", flush=True)
     if cfg.require_auth:
         print(f"API token in {cfg.token_file()}", file=sys.stderr, flush=True)
@@ -222,6 +253,13 @@ def down() -> int:
         print(f"warning: could not reach Ray at {state.ray_address}: {e}", file=sys.stderr)
     if state.started_ray:
         stop_ray()
+    if state.local_redis:
+        from cluster.redis_server import LocalRedis, LocalRedisInfo
+
+        try:
+            LocalRedis.stop(LocalRedisInfo.from_dict(state.local_redis))
+        except Exception as e:
+            print(f"warning: could not stop redis-server: {e}", file=sys.stderr)
     STATE_FILE.unlink(missing_ok=True)
     print("cluster stopped")
     return 0
@@ -248,9 +286,16 @@ def status(as_json: bool) -> int:
         api_health = "SERVING"
     except TimeoutError:
         api_health = "NOT_SERVING"
+    try:
+        placement = serve.get_deployment_handle("ShardManager", APP_NAME).placement_info.remote().result(
+            timeout_s=30)
+        events = serve.get_deployment_handle("Autoscaler", APP_NAME).events.remote(10).result(timeout_s=30)
+    except Exception as e:  # status reports what it can
+        placement, events = None, [{"kind": "error", "reason": f"{type(e).__name__}: {e}"}]
     report = {"api": state.api, "api_health": api_health, "ray_address": state.ray_address,
-              "app_status": str(app.status.value if app else "MISSING"), "deployments": deployments,
-              "shards": shards}
+              "redis": state.redis_url, "app_status": str(app.status.value if app else "MISSING"),
+              "deployments": deployments, "placement_epoch": placement["epoch"] if placement else None,
+              "shards": shards, "events": events}
     if as_json:
         print(json.dumps(report))
         return 0
@@ -258,7 +303,8 @@ def status(as_json: bool) -> int:
     from rich.table import Table
 
     con = Console()
-    con.print(f"API {state.api} ({api_health}) · Ray {state.ray_address} · app {report['app_status']}")
+    con.print(f"API {state.api} ({api_health}) · Ray {state.ray_address} · Redis {state.redis_url} · "
+              f"app {report['app_status']} · placement epoch {report['placement_epoch']}")
     t = Table("deployment", "status", "replicas")
     for name, d in deployments.items():
         t.add_row(name, d["status"], ", ".join(f"{k}: {v}" for k, v in d["replicas"].items()))
@@ -272,4 +318,37 @@ def status(as_json: bool) -> int:
         t.add_row(str(s.get("shard_id")), str(s.get("healthy")), str(s.get("address", "-")), "\n".join(rows),
                   f"{s.get('weight_bytes', 0) / 2**20:.1f}", f"{s.get('rss_bytes', 0) / 2**20:.1f}")
     con.print(t)
+    if events:
+        t = Table("time", "event", "reason", title="autoscaler (newest first)")
+        for e in events:
+            when = time.strftime("%H:%M:%S", time.localtime(e["time"])) if "time" in e else "-"
+            t.add_row(when, e["kind"], e["reason"])
+        con.print(t)
+    return 0
+
+
+def rebalance(as_json: bool) -> int:
+    """``moeyard rebalance``: plan from the recorded load and apply it live, now."""
+    state = load_state()
+    if state is None:
+        print("error: no cluster is up", file=sys.stderr)
+        return 1
+    from ray import serve
+
+    from cluster.serve_app import APP_NAME
+
+    _connect(state.ray_address, state.namespace)
+    try:
+        result = serve.get_deployment_handle("Autoscaler", APP_NAME).rebalance.remote().result(timeout_s=600)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        print(f"error: rebalance failed: {msg}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(result))
+    elif result["acted"]:
+        print(f"rebalanced to epoch {result['epoch']}: min balancedness {result['balancedness_before']:.3f} -> "
+              f"{result['balancedness_after']:.3f}, {result['slots_moved']} slots moved in {result['seconds']:.2f}s")
+    else:
+        print(f"no move: {result['decision']}")
     return 0

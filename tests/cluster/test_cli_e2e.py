@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from cluster.redis_server import LocalRedis, LocalRedisInfo
+
 pytestmark = pytest.mark.e2e
 
 BIN = Path(sys.executable).parent / "moeyard"
@@ -53,10 +55,31 @@ def test_up_generate_status_down(tmp_path):
         report = json.loads(status.stdout.strip().splitlines()[-1])
         assert report["api_health"] == "SERVING"
         assert [s["healthy"] for s in report["shards"]] == [True, True]
+        assert report["redis"].startswith("redis://127.0.0.1:") and report["placement_epoch"] == 0
+        state = json.loads((home / ".moeyard" / "state.json").read_text())
+        redis_info = LocalRedisInfo.from_dict(state["local_redis"])
+        assert LocalRedis.is_alive(redis_info)  # our own redis-server runs
+        reb = _run(["rebalance", "--json"], env)
+        assert reb.returncode == 0, reb.stderr
+        decision = json.loads(reb.stdout.strip().splitlines()[-1])
+        assert set(decision) >= {"acted", "decision", "epoch"}
         token = token_file.read_text().strip()
         for text in (up.stdout, up.stderr, gen.stdout, gen.stderr, status.stdout):
             assert token not in text
     finally:
         down = _run(["down"], env)
         assert down.returncode == 0, down.stderr
+    assert not (home / ".moeyard" / "state.json").exists()
+    assert not LocalRedis.is_alive(redis_info)  # `down` stopped it
+
+
+def test_up_with_a_redis_that_does_not_answer(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home))
+    r = _run(["up", "--detach", "--redis", "redis://:hunter2secret@127.0.0.1:1/0"], env, timeout=120)
+    assert r.returncode == 2
+    assert "Redis at redis://" in r.stderr and "127.0.0.1:1" in r.stderr and "does not answer" in r.stderr
+    assert "hunter2secret" not in r.stdout + r.stderr
     assert not (home / ".moeyard" / "state.json").exists()
