@@ -145,6 +145,7 @@ class ExpertServer:
         self.tokens = 0
         self.compute_seconds = 0.0
         self.last_epoch = -1
+        self._admin_pool: ThreadPoolExecutor | None = None
 
         t0 = time.perf_counter()
         pairs = [(int(layer), int(s), int(e)) for layer, lst in (assignments or {}).items() for s, e in lst]
@@ -292,6 +293,15 @@ class ExpertServer:
         return (f"slot {e.slot} of MoE layer {e.moe_layer} holds expert(s) {e.held}, not {e.expert} "
                 f"(router placement epoch {epoch} {why})")
 
+    def admin(self, fn):
+        """Run a load/unload on the shard's background thread, which runs at a lower CPU priority
+        (nice +10 on Linux): re-stacking weights during a live migration then yields the cores to
+        ``Compute`` instead of stretching the steps of every router waiting on this shard."""
+        if self._admin_pool is None:
+            self._admin_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"shard-{self.shard_id}-admin",
+                                                  initializer=_lower_priority)
+        return self._admin_pool.submit(fn).result()
+
     def held_slots(self) -> dict[int, list[tuple[int, int]]]:
         """MoE layer -> every ``(slot, logical expert)`` copy held now, sorted.
 
@@ -330,6 +340,13 @@ class ExpertServer:
 
     def __exit__(self, *exc) -> None:
         self.stop(0)
+
+
+def _lower_priority() -> None:
+    try:  # per thread on Linux: nice applies to the calling thread's id
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass
 
 
 def _node_ip() -> str:
@@ -385,15 +402,16 @@ class _Servicer(pb_grpc.ExpertServiceServicer):
     def LoadSlots(self, request, context):
         def run():
             t0 = time.perf_counter()
-            n = self.s.load(((a.moe_layer, a.slot, a.expert) for a in request.slots), stage=request.stage)
+            assignments = [(a.moe_layer, a.slot, a.expert) for a in request.slots]
+            n = self.s.admin(lambda: self.s.load(assignments, stage=request.stage))
             return pb.LoadSlotsResponse(bytes_loaded=n, load_seconds=time.perf_counter() - t0,
                                         weight_bytes=self.s.slots.nbytes())
         return self._run(context, "LoadSlots", run)
 
     def UnloadSlots(self, request, context):
         def run():
-            n = self.s.unload((r.moe_layer, r.slot, r.expert if r.HasField("expert") else None)
-                              for r in request.slots)
+            refs = [(r.moe_layer, r.slot, r.expert if r.HasField("expert") else None) for r in request.slots]
+            n = self.s.admin(lambda: self.s.unload(refs))
             return pb.UnloadSlotsResponse(slots_unloaded=n, weight_bytes=self.s.slots.nbytes())
         return self._run(context, "UnloadSlots", run)
 

@@ -44,12 +44,17 @@ def skewed_model(tmp_path_factory):
     return d
 
 
+_STARTED: list = []  # every redis-server this module starts (a test restarts it), stopped at the end
+
+
 @pytest.fixture(scope="module")
 def redis_info(tmp_path_factory):
     info = LocalRedis.start(tmp_path_factory.mktemp("redis"))
+    _STARTED.append(info)
     yield info
-    if LocalRedis.is_alive(info):
-        LocalRedis.stop(info)
+    for started in _STARTED:
+        if LocalRedis.is_alive(started):
+            LocalRedis.stop(started)
 
 
 def _prompts(n: int = 12) -> list[list[int]]:
@@ -155,7 +160,7 @@ def test_redis_killed_mid_traffic_costs_nothing(app, reference, redis_info, tmp_
     assert st["load_stats"]["flushes_failed"] > 0 and st["load_stats"]["failing"]
 
     # Redis returns (empty: no persistence), on the same port and password
-    LocalRedis.start(redis_info.dir, port=redis_info.port, password_file=redis_info.password_file)
+    _STARTED.append(LocalRedis.start(redis_info.dir, port=redis_info.port, password_file=redis_info.password_file))
     back = time.time()
     client = redis_info.client()
     deadline = time.monotonic() + 60
