@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from router_service.placement import Placement
 from router_service.planner import count_moves, min_balancedness, plan_placement
@@ -38,12 +38,31 @@ class AutoscalerSettings(BaseModel):
     min_tokens: int = Field(256, ge=0, description="tokens in the smoothed load needed to act")
     drain_timeout_s: float = Field(10.0, gt=0, description="wait for replicas to switch epochs")
     reconcile_interval_s: float = Field(5.0, gt=0, description="check that shards hold their slots")
+    min_shards: int | None = Field(None, ge=1, description="scale the number of expert shards between "
+                                                           "min_shards and max_shards (both set: on)")
+    max_shards: int | None = Field(None, ge=1)
+    scale_up_load: float = Field(0.0, ge=0, description="routed tokens per second per shard above which "
+                                                        "a shard is added (0: never)")
+    scale_down_load: float = Field(0.0, ge=0, description="...below which the last shard is removed (0: never)")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalerSettings":
+        if (self.min_shards is None) != (self.max_shards is None):
+            raise ValueError("set both min_shards and max_shards to scale shards, or neither")
+        if self.min_shards is not None and self.min_shards > self.max_shards:
+            raise ValueError(f"min_shards {self.min_shards} > max_shards {self.max_shards}")
+        if self.scale_up_load and self.scale_down_load and self.scale_down_load * 2 > self.scale_up_load:
+            raise ValueError("scale_down_load must be at most half of scale_up_load (or a shard added at the "
+                             "threshold would be removed again)")
+        return self
 
 
 @dataclass
 class PolicyState:
     below_since: float | None = None
     last_move: float | None = None
+    scale_since: float | None = None
+    scale_direction: int = 0
 
 
 @dataclass(frozen=True)
@@ -96,3 +115,38 @@ def decide(load: torch.Tensor, current: Placement, state: PolicyState, settings:
     why = "forced" if force else f"{before:.3f} < threshold {settings.threshold} for {now - state.below_since:.1f}s"
     return Decision(True, f"{why}; plan {before:.3f} -> {after:.3f}, {moved} slots move", "act", before,
                     after, plan, moved)
+
+
+def decide_scale(load_per_shard_s: float, num_shards: int, state: PolicyState, settings: AutoscalerSettings,
+                 now: float) -> tuple[int, str]:
+    """``+1`` (add a shard), ``-1`` (remove the last one) or ``0``, with the reason.
+
+    ``load_per_shard_s``: routed (token, expert) assignments per second per shard over the
+    lookback. The threshold must hold for ``sustain_s`` and the last move be ``cooldown_s`` ago.
+    """
+    if settings.min_shards is None:
+        return 0, "shard scaling off"
+    want = 0
+    if settings.scale_up_load and load_per_shard_s > settings.scale_up_load and num_shards < settings.max_shards:
+        want = 1
+    elif (settings.scale_down_load and load_per_shard_s < settings.scale_down_load
+          and num_shards > settings.min_shards):
+        want = -1
+    if num_shards < settings.min_shards:
+        want = 1
+    elif num_shards > settings.max_shards:
+        want = -1
+    if want == 0:
+        state.scale_since, state.scale_direction = None, 0
+        return 0, f"{load_per_shard_s:.0f} tokens/s per shard on {num_shards} shards: within bounds"
+    if state.scale_direction != want or state.scale_since is None:
+        state.scale_since, state.scale_direction = now, want
+    held = now - state.scale_since
+    what = "up" if want > 0 else "down"
+    if held < settings.sustain_s:
+        return 0, f"scale {what} pending: {held:.1f}s < {settings.sustain_s}s"
+    if state.last_move is not None and now - state.last_move < settings.cooldown_s:
+        return 0, f"scale {what} pending: cool-down"
+    bound = settings.scale_up_load if want > 0 else settings.scale_down_load
+    return want, (f"{load_per_shard_s:.0f} tokens/s per shard {'>' if want > 0 else '<'} {bound:.0f} for "
+                  f"{held:.1f}s: {num_shards} -> {num_shards + want} shards")

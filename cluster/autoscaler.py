@@ -19,8 +19,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from cluster.autoscale_policy import AutoscalerSettings, Decision, PolicyState, decide
-from cluster.migration import MigrationError, Migrator, ShardControl, reconcile
+from typing import Protocol
+
+from cluster.autoscale_policy import AutoscalerSettings, Decision, PolicyState, decide, decide_scale
+from cluster.migration import MigrationError, Migrator, ShardControl, reconcile, scale_target
 from cluster.placement_store import Event, push_event, read_placement, replica_epochs, write_placement
 from router_service.placement import Placement
 from router_service.planner import balancedness
@@ -47,6 +49,24 @@ def measured_balancedness(slot_counts: torch.Tensor, num_shards: int) -> torch.T
     return balancedness(slot_counts.view(L, num_shards, P // num_shards).sum(dim=2))
 
 
+@dataclass(frozen=True)
+class LoadView:
+    load: torch.Tensor
+    """``[L, E]`` smoothed tokens per (MoE layer, logical expert) window."""
+    assignments_per_s: float
+    """Routed (token, expert) assignments per second over the lookback, all layers."""
+
+
+class ShardFactory(Protocol):
+    """Creates and removes expert shards (Ray actors in a cluster)."""
+
+    def create(self, shard_id: int, assignments: dict[int, list[tuple[int, int]]]) -> None:
+        """Start shard ``shard_id`` holding ``assignments`` (MoE layer -> [(slot, expert)]); wait until ready."""
+        ...
+
+    def remove(self, shard_id: int) -> None: ...
+
+
 @dataclass
 class TickResult:
     decision: str
@@ -59,16 +79,19 @@ class TickResult:
 
 
 class AutoscalerCore:
-    """One cluster's autoscaler. ``load_reader(since_s) -> [L, E]`` gives the smoothed load."""
+    """One cluster's autoscaler. ``load_reader(since_s) -> LoadView`` gives the smoothed load;
+    ``factory`` (optional) adds and removes shards when ``settings`` bound their number."""
 
     def __init__(self, settings: AutoscalerSettings, client, prefix: str, fingerprint: str,
-                 shards: ShardControl, load_reader, num_layers: int, num_experts: int):
+                 shards: ShardControl, load_reader, num_layers: int, num_experts: int,
+                 factory: ShardFactory | None = None):
         self.settings = settings
         self.client = client
         self.prefix = prefix
         self.fingerprint = fingerprint
         self.shards = shards
         self.load_reader = load_reader
+        self.factory = factory
         self.num_layers, self.num_experts = num_layers, num_experts
         self.state = PolicyState()
         self.migrator = Migrator(shards, RedisPublisher(client, prefix, fingerprint),
@@ -131,8 +154,13 @@ class AutoscalerCore:
         now = time.monotonic() if now is None else now
         with self._lock:
             current = self.current()
-            load = self.load_reader(self.settings.lookback_s)
-            decision = decide(load, current, self.state, self.settings, now, force=force)
+            view = self.load_reader(self.settings.lookback_s)
+            if self.factory is not None and not force:
+                step, why = decide_scale(view.assignments_per_s / current.num_shards, current.num_shards,
+                                         self.state, self.settings, now)
+                if step:
+                    return self._scale(current, view.load, step, why, now)
+            decision = decide(view.load, current, self.state, self.settings, now, force=force)
             if not decision.act:
                 if decision.code != self._last_reason or force:
                     self._event(Event("skip", decision.reason, epoch_before=current.epoch,
@@ -143,6 +171,31 @@ class AutoscalerCore:
                                   decision.balancedness_after)
             self._last_reason = None
             return self._apply(current, decision, now)
+
+    def _scale(self, current: Placement, load: torch.Tensor, step: int, why: str, now: float) -> TickResult:
+        from router_service.planner import min_balancedness
+
+        t0 = time.monotonic()
+        n = current.num_shards + step
+        target = scale_target(load, current, n)
+        kind = "scale_up" if step > 0 else "scale_down"
+        try:
+            if step > 0:
+                placement, report = self.migrator.scale_up(current, target, self.factory.create)
+            else:
+                placement, report = self.migrator.scale_down(current, target, self.factory.remove)
+        except Exception as e:
+            self._event(Event(f"{kind}_failed", f"{why}; {e}", epoch_before=current.epoch))
+            raise
+        self.state.last_move = now
+        self.state.scale_since, self.state.scale_direction = None, 0
+        self._last_placement = placement
+        dt = time.monotonic() - t0
+        before, after = min_balancedness(load, current), min_balancedness(load, placement)
+        self._event(Event(kind, why, epoch_before=current.epoch, epoch_after=placement.epoch,
+                          balancedness_before=before, balancedness_after=after, duration_s=dt,
+                          slots_moved=report.slots_moved, bytes_loaded=report.bytes_loaded))
+        return TickResult(why, True, placement.epoch, before, after, report.slots_moved, dt)
 
     def rebalance(self) -> TickResult:
         """Plan and apply now (``moeyard rebalance``), whatever the threshold and cool-down say."""
@@ -162,14 +215,14 @@ class AutoscalerCore:
                                   epoch_after=current.epoch))
             return fixed
 
-    def loop_once(self, shard_ids) -> None:
+    def loop_once(self) -> None:
         """One turn of the background loop; never raises."""
         try:
             now = time.monotonic()
             if now - self._last_reconcile >= self.settings.reconcile_interval_s:
                 self._last_reconcile = now
                 try:
-                    self.reconcile(shard_ids)
+                    self.reconcile(range(self.current().num_shards))
                 except Exception as e:
                     if not isinstance(e, _redis_errors()):
                         log.warning("reconcile failed: %s", e)

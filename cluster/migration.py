@@ -188,8 +188,86 @@ class Migrator:
         report.seconds = self.clock() - t0
         return placement, report
 
+    def _publish_and_drain(self, placement: Placement, report: MigrationReport) -> None:
+        self.publisher.publish(placement)
+        late = self._wait_acks(placement.epoch)
+        if late:
+            log.warning("replicas %s did not acknowledge epoch %d within %.1fs", late, placement.epoch,
+                        self.drain_timeout_s)
+            report.late_replicas = sorted(set(report.late_replicas) | set(late))
+
+    def scale_up(self, current: Placement, target: Placement,
+                 create_shard: Callable[[int, dict[int, list[tuple[int, int]]]], None]
+                 ) -> tuple[Placement, MigrationReport]:
+        """Add shard ``N`` (``target`` has ``N + 1`` shards, the same slots per shard).
+
+        The new shard is created holding its slots of ``target``; the placement
+        extended by it is published (routers start sending to it once they switch);
+        then the old shards move to ``target`` layer by layer as in :meth:`apply`.
+        """
+        n, sps = current.num_shards, current.slots_per_shard
+        if target.num_shards != n + 1 or target.slots_per_shard != sps:
+            raise MigrationError(f"scale-up goes from {n} to {n + 1} shards of {sps} slots; target has "
+                                 f"{target.num_shards} of {target.slots_per_shard}")
+        t0 = self.clock()
+        rows = target.phy2log[:, n * sps:]
+        create_shard(n, {layer: [(n * sps + i, int(e)) for i, e in enumerate(rows[layer].tolist())]
+                         for layer in range(current.num_layers)})
+        expanded = Placement(torch.cat([current.phy2log, rows], dim=1), n + 1, current.epoch + 1)
+        report = MigrationReport(current.epoch, expanded.epoch)
+        self._publish_and_drain(expanded, report)
+        placement, moved = self.apply(expanded, Placement(target.phy2log, n + 1, expanded.epoch))
+        moved.epoch_before, moved.seconds = current.epoch, self.clock() - t0
+        moved.late_replicas = sorted(set(moved.late_replicas) | set(report.late_replicas))
+        return placement, moved
+
+    def scale_down(self, current: Placement, target: Placement, remove_shard: Callable[[int], None]
+                   ) -> tuple[Placement, MigrationReport]:
+        """Remove the last shard (``target`` has ``N - 1`` shards, the same slots per shard).
+
+        The other shards first move to ``target`` layer by layer while the last one
+        keeps its copies (extra copies are harmless); then the placement without it
+        is published, routers switch and acknowledge, and only then is it removed.
+        """
+        n, sps = current.num_shards, current.slots_per_shard
+        if target.num_shards != n - 1 or target.slots_per_shard != sps or n < 2:
+            raise MigrationError(f"scale-down goes from {n} to {n - 1} shards of {sps} slots; target has "
+                                 f"{target.num_shards} of {target.slots_per_shard}")
+        t0 = self.clock()
+        padded = Placement(torch.cat([target.phy2log, current.phy2log[:, (n - 1) * sps:]], dim=1), n,
+                           current.epoch)
+        placement, report = self.apply(current, padded)
+        shrunk = Placement(target.phy2log, n - 1, placement.epoch + 1)
+        self._publish_and_drain(shrunk, report)
+        remove_shard(n - 1)
+        report.epoch_before, report.epoch_after, report.seconds = current.epoch, shrunk.epoch, self.clock() - t0
+        return shrunk, report
+
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+
+
+def scale_target(load: torch.Tensor, current: Placement, num_shards: int) -> Placement:
+    """A plan for ``num_shards`` shards of ``current``'s slots per shard that keeps many of
+    ``current``'s slots in place (shard bins are matched to the current shards).
+
+    ``load [L, E]``. Growing: the new shard is imagined holding the hottest experts, so
+    the planner's relabelling keeps the old shards' slots. Shrinking: the plan is matched
+    against the first ``num_shards`` shards.
+    """
+    from router_service.planner import plan_placement
+
+    n, sps = current.num_shards, current.slots_per_shard
+    if num_shards > n:
+        extra = []
+        for _ in range(num_shards - n):
+            hot = torch.argsort(torch.as_tensor(load, dtype=torch.float64), dim=1, descending=True)
+            idx = torch.arange(sps) % hot.shape[1]
+            extra.append(hot[:, idx])
+        ref = Placement(torch.cat([current.phy2log, *extra], dim=1), num_shards, current.epoch)
+    else:
+        ref = Placement(current.phy2log[:, :num_shards * sps], num_shards, current.epoch)
+    return plan_placement(load, num_shards, sps, current=ref, epoch=current.epoch)
 
 
 def reconcile_plan(placement: Placement, held: dict[int, list[tuple[int, int]]], shard: int

@@ -110,7 +110,7 @@ class Event:
     """One autoscaler decision, for logs, ``moeyard status`` and the dashboard."""
 
     kind: str
-    """``rebalance`` | ``rebalance_failed`` | ``skip`` | ``reconcile`` | ``republish``."""
+    """``rebalance`` | ``scale_up`` | ``scale_down`` (``*_failed``) | ``skip`` | ``reconcile`` | ``republish``."""
     reason: str
     time: float = field(default_factory=time.time)
     epoch_before: int | None = None

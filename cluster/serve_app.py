@@ -132,6 +132,33 @@ class ShardManager:
     async def num_shards(self) -> int:
         return len(self.actors)
 
+    async def add_shard(self, shard_id: int, assignments: dict) -> str:
+        """Start shard ``shard_id`` (the autoscaler scaling up) holding ``assignments``; returns its address."""
+        from expert_actors.shard_actor import create_shard_actor
+
+        if shard_id != len(self.actors):
+            raise ValueError(f"shards are added at the end: next is {len(self.actors)}, not {shard_id}")
+        c = self.cfg
+        name = shard_actor_name(c, shard_id)
+        await asyncio.to_thread(_kill_named, name, c.namespace)
+        actor = create_shard_actor(
+            shard_id, str(c.model_dir()), {int(k): v for k, v in assignments.items()},
+            _dtype_name(c, self.spec), host="127.0.0.1", num_threads=c.torch_threads, num_cpus=c.shard_num_cpus,
+            use_gpu=c.use_gpu, name=name, namespace=c.namespace, detached=True,
+            redis=c.redis.model_dump(mode="json"), fingerprint=self.fingerprint)
+        await asyncio.wait_for(actor.ready.remote(), timeout=300)
+        self.actors.append(actor)
+        log.info("expert shard %d added", shard_id)
+        return await actor.address.remote()
+
+    async def remove_shard(self, shard_id: int) -> None:
+        """Stop the last shard (the autoscaler scaling down, after routers left it)."""
+        if shard_id != len(self.actors) - 1:
+            raise ValueError(f"only the last shard ({len(self.actors) - 1}) can be removed, not {shard_id}")
+        actor = self.actors.pop()
+        ray.kill(actor, no_restart=True)
+        log.info("expert shard %d removed", shard_id)
+
     async def addresses(self) -> dict[int, str]:
         addrs = await asyncio.gather(*[a.address.remote() for a in self.actors])
         return dict(enumerate(addrs))
@@ -284,6 +311,19 @@ class AttentionReplica:
             engine.shutdown()
 
 
+class _ServeShardFactory:
+    """:class:`cluster.autoscaler.ShardFactory` through the ShardManager deployment."""
+
+    def __init__(self, shard_manager):
+        self.shard_manager = shard_manager
+
+    def create(self, shard_id: int, assignments: dict[int, list[tuple[int, int]]]) -> None:
+        self.shard_manager.add_shard.remote(shard_id, assignments).result(timeout_s=600)
+
+    def remove(self, shard_id: int) -> None:
+        self.shard_manager.remove_shard.remote(shard_id).result(timeout_s=120)
+
+
 def replica_id() -> str:
     """This process's id in Redis keys (letters, digits, ``_.-``)."""
     import re
@@ -306,7 +346,7 @@ class Autoscaler:
         if info is None or not c.redis.enabled:
             log.info("autoscaler off: %s", "dense model" if info is None else "no Redis configured")
             return
-        from cluster.autoscaler import AutoscalerCore
+        from cluster.autoscaler import AutoscalerCore, LoadView
         from cluster.load_store import read_load, smooth
         from cluster.migration import GrpcShardControl
         from cluster.redis_conn import connect
@@ -316,24 +356,26 @@ class Autoscaler:
         prefix = c.redis.key_prefix
         L, P = len(info["phy2log"]), len(info["phy2log"][0])
         E = max(max(r) for r in info["phy2log"]) + 1
-        self.num_shards = info["num_shards"]
         self.transport = GrpcTransport(_resolver(c))
         half_life = c.autoscaler.half_life_windows
 
-        def load_reader(since_s: float) -> torch.Tensor:
+        def load_reader(since_s: float) -> LoadView:
             w = read_load(client, prefix, since_s)
             if w.num_windows == 0:
-                return torch.zeros(L, E, dtype=torch.float64)
-            return smooth(w.expert_counts.to(torch.float64), half_life)
+                return LoadView(torch.zeros(L, E, dtype=torch.float64), 0.0)
+            span = w.num_windows * (w.window_s or c.redis.window_s)
+            return LoadView(smooth(w.expert_counts.to(torch.float64), half_life),
+                            float(w.expert_counts.sum()) / span)
 
+        factory = _ServeShardFactory(shard_manager) if c.autoscaler.min_shards is not None else None
         self.core = AutoscalerCore(c.autoscaler, client, prefix, info["fingerprint"],
-                                   GrpcShardControl(self.transport), load_reader, L, E)
+                                   GrpcShardControl(self.transport), load_reader, L, E, factory)
         self._thread = threading.Thread(target=self._loop, name="autoscaler", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.cfg.autoscaler.interval_s):
-            self.core.loop_once(range(self.num_shards))
+            self.core.loop_once()
 
     async def rebalance(self) -> dict:
         """Plan and apply a placement now (``moeyard rebalance``)."""

@@ -174,3 +174,44 @@ def test_redis_killed_mid_traffic_costs_nothing(app, reference, redis_info, tmp_
                                             f"events {events}"
     assert any(e["kind"] == "republish" for e in events), events
     assert read_placement(client, PREFIX).placement.epoch >= 1
+
+
+def test_autoscaler_adds_a_shard_under_load(skewed_model, reference, redis_info, ray_serve, tmp_path):
+    """Bounds 2..3 shards and a low scale-up threshold: traffic makes the autoscaler create a
+    third shard actor (through the ShardManager) and move slots onto it, live."""
+    from ray import serve
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    prefix = "autoscale-scale-test"
+    if not LocalRedis.is_alive(redis_info):  # the outage test restarted it: use the live one
+        redis_info = _STARTED[-1]
+    cfg = ClusterConfig(
+        model=str(skewed_model), dtype="float32", namespace="autoscale-scale", expert_shards=2,
+        redundant_slots_per_shard=1, attention_replicas=1, torch_threads=1, api_token_file=str(token_file),
+        engine=EngineSettings(kv_cache_mib=16),
+        redis=RedisSettings(url=redis_info.url, password_file=redis_info.password_file, key_prefix=prefix,
+                            window_s=1.0, flush_interval_s=0.2),
+        autoscaler=AutoscalerSettings(interval_s=0.5, lookback_s=4, sustain_s=1, cooldown_s=600, min_tokens=100,
+                                      min_shards=2, max_shards=3, scale_up_load=50, drain_timeout_s=10))
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix=None)
+    addr = serve.get_app_handle(APP_NAME).address.remote().result(timeout_s=120)
+    client = redis_info.client()
+    prompts = _prompts()
+    deadline = time.monotonic() + 180
+    while True:
+        assert asyncio.run(_round(addr, prompts)) == reference
+        events = read_events(client, prefix)
+        if any(e["kind"] == "scale_up" for e in events):
+            break
+        assert time.monotonic() < deadline, f"no scale-up; events {events[:5]}"
+    assert asyncio.run(_round(addr, prompts)) == reference  # served by three shards now
+    stored = read_placement(client, prefix).placement
+    assert stored.num_shards == 3
+    manager = serve.get_deployment_handle("ShardManager", APP_NAME)
+    shards = manager.status.remote().result(timeout_s=60)
+    assert [s["healthy"] for s in shards] == [True, True, True]
+    for s in shards:
+        held = {int(layer): sorted(map(tuple, pairs)) for layer, pairs in s["slots"].items()}
+        assert held == {l: sorted(p) for l, p in stored.shard_slots(s["shard_id"]).items()}
+        assert s["tokens"] > 0  # every shard, the new one included, computed tokens

@@ -65,3 +65,29 @@ def test_plan_equal_to_current_is_not_applied():
     d = decide(load, cur, PolicyState(), S, now=0, force=True)
     again = decide(load, d.plan, PolicyState(), S, now=0, force=True)
     assert not again.act and "equals the current placement" in again.reason
+
+
+def test_scale_decisions_respect_bounds_sustain_and_cooldown():
+    import pytest
+    from pydantic import ValidationError
+
+    from cluster.autoscale_policy import decide_scale
+
+    s = AutoscalerSettings(min_shards=2, max_shards=3, scale_up_load=1000, scale_down_load=300, sustain_s=5,
+                           cooldown_s=30)
+    st = PolicyState()
+    assert decide_scale(2000, 2, st, s, now=0)[0] == 0  # pending
+    step, why = decide_scale(2000, 2, st, s, now=6)
+    assert step == 1 and "2 -> 3 shards" in why
+    assert decide_scale(2000, 3, PolicyState(), s, now=100)[0] == 0  # at max_shards
+    st = PolicyState(last_move=90)
+    decide_scale(100, 3, st, s, now=95)
+    assert decide_scale(100, 3, st, s, now=101)[1].endswith("cool-down")
+    assert decide_scale(100, 3, st, s, now=125)[0] == -1
+    assert decide_scale(100, 2, PolicyState(), s, now=0)[0] == 0  # at min_shards
+    assert decide_scale(500, 2, PolicyState(), s, now=0) == (0, "500 tokens/s per shard on 2 shards: within bounds")
+    assert decide_scale(5000, 2, PolicyState(), AutoscalerSettings(), now=0) == (0, "shard scaling off")
+    with pytest.raises(ValidationError, match="both"):
+        AutoscalerSettings(min_shards=2)
+    with pytest.raises(ValidationError, match="at most half"):
+        AutoscalerSettings(min_shards=1, max_shards=4, scale_up_load=100, scale_down_load=60)

@@ -184,3 +184,61 @@ def test_reconcile_after_restart(cluster, client):
     for s in servers:
         assert {l: sorted(p) for l, p in s.held_slots().items()} == \
                {l: sorted(p) for l, p in target.shard_slots(s.shard_id).items()}
+
+
+def test_scale_up_then_down_live(cluster, client):
+    """Add a third shard and remove it again while requests decode: outputs never change."""
+    from cluster.migration import scale_target
+
+    ckpt, spec, placement, servers, transport = cluster
+    c, prefix = client
+    L, E = spec.num_moe_layers, spec.moe.num_experts
+    write_placement(c, prefix, placement, FP)
+    engine = LLMEngine(ckpt, EngineConfig(dtype="float32"), transport=transport, placement=placement)
+    sp = SamplingParams(max_tokens=24, ignore_eos=True)
+    prompts = _prompts()
+    reference = engine.generate(prompts, sp)
+    dispatcher = engine.router.dispatcher
+    dispatcher.recorder = LoadRecorder(L, E, placement.num_slots)
+    follower = PlacementFollower(dispatcher, c, prefix, "r1", L, E, poll_s=0.02)
+    dispatcher.on_stale = follower.refresh
+    follower.start()
+    extra = {}
+
+    def create(shard_id, assignments):
+        extra[shard_id] = ExpertServer(shard_id, spec, ckpt, torch.float32, assignments)
+        transport.refresh(shard_id, extra[shard_id].address)
+
+    def remove(shard_id):
+        extra.pop(shard_id).stop(0)
+
+    try:
+        load = zipf_load(L, E, 1.2, seed=1)
+        migrator = Migrator(GrpcShardControl(transport), RedisPublisher(c, prefix, FP), drain_timeout_s=10)
+        for step in (+1, -1):
+            current = read_placement(c, prefix).placement
+            target = scale_target(load, current, current.num_shards + step)
+            results = {}
+            gen = threading.Thread(target=lambda: results.update(out=engine.generate(prompts, sp)))
+            gen.start()
+            time.sleep(0.05)
+            if step > 0:
+                final, report = migrator.scale_up(current, target, create)
+            else:
+                final, report = migrator.scale_down(current, target, remove)
+            gen.join(timeout=120)
+            assert results["out"] == reference
+            assert final.num_shards == current.num_shards + step
+            assert torch.equal(final.phy2log, target.phy2log)
+            assert dispatcher.placement.epoch == final.epoch and dispatcher.placement.num_slots == final.num_slots
+            live = {s.shard_id: s for s in servers} | extra
+            assert sorted(live) == list(range(final.num_shards))
+            for sid, s in live.items():
+                assert {l: sorted(p) for l, p in s.held_slots().items()} == \
+                       {l: sorted(p) for l, p in final.shard_slots(sid).items()}
+            assert dispatcher.recorder.num_slots == final.num_slots
+            assert engine.generate(prompts, sp) == reference
+    finally:
+        follower.stop()
+        for s in extra.values():
+            s.stop(0)
