@@ -138,6 +138,8 @@ def test_autoscaler_rebalances_live_without_changing_outputs(app, reference, red
     static, n_before = _min_measured(client, t_start, moved_at - rebalance["duration_s"])
     after, n_after = _min_measured(client, moved_at + 0.5, t_end)
     assert n_before > 0 and n_after > 0
+    print(f"measured min balancedness: static {static:.3f} ({n_before} tokens), after the move {after:.3f} "
+          f"({n_after} tokens); moved {rebalance['slots_moved']} slots in {rebalance['duration_s']:.2f}s")
     assert static < 0.9, f"the skewed model should start unbalanced, measured {static:.3f}"
     assert after >= 0.9, f"balancedness after the move {after:.3f} (static {static:.3f})"
 
