@@ -7,19 +7,22 @@ loop over tokens, only over the slots that received any).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 
-def grouped_swiglu(x: torch.Tensor, counts: list[int] | torch.Tensor, w13: torch.Tensor,
-                   w2: torch.Tensor, slot_index: list[int] | None = None) -> torch.Tensor:
+def grouped_swiglu(x: torch.Tensor, counts: list[int] | torch.Tensor, w13: torch.Tensor | Sequence[torch.Tensor],
+                   w2: torch.Tensor | Sequence[torch.Tensor], slot_index: list[int] | None = None) -> torch.Tensor:
     """Apply slot ``s``'s expert FFN to its segment of ``x``.
 
     Args:
         x: ``[N, D]`` tokens sorted by slot (segment ``s`` has ``counts[s]`` rows).
         counts: ``[S]`` rows per slot, summing to ``N``.
-        w13: ``[S, 2I, D]`` gate and up projections stacked (gate first).
-        w2: ``[S, D, I]`` down projections.
+        w13: ``[S, 2I, D]`` gate and up projections stacked (gate first), or a
+            sequence of ``S`` tensors ``[2I, D]`` (a shard's slots, each in its own storage).
+        w2: ``[S, D, I]`` down projections, or ``S`` tensors ``[D, I]``.
         slot_index: optional ``[S']``: segment ``s`` uses weights ``slot_index[s]``
             (``len(counts) == S'``); without it segment ``s`` uses weights ``s``.
 
@@ -29,13 +32,13 @@ def grouped_swiglu(x: torch.Tensor, counts: list[int] | torch.Tensor, w13: torch
     if isinstance(counts, torch.Tensor):
         counts = counts.tolist()
     if slot_index is None:
-        slot_index = list(range(w13.shape[0]))
+        slot_index = list(range(len(w13)))
     if len(counts) != len(slot_index):
         raise ValueError(f"counts has {len(counts)} segments, slot_index has {len(slot_index)}")
     if sum(counts) != x.shape[0]:
         raise ValueError(f"counts sum to {sum(counts)}, x has {x.shape[0]} rows")
     out = torch.empty_like(x)
-    inter = w2.shape[-1]
+    inter = w2[0].shape[-1]
     start = 0
     for s, n in enumerate(counts):
         if n == 0:

@@ -4,14 +4,17 @@ A shard owns a set of physical slots per MoE layer; each slot holds one copy of
 a logical expert, or two while a live migration is staged (the new expert is
 loaded next to the old one, routers switch epochs, then the old copy is
 released). Per MoE layer a :class:`SlotTable` maps ``(slot, expert)`` to one
-row of the stacked weights (``w13 [S, 2I, D]``, ``w2 [S, D, I]``) so the
-grouped FFN indexes them without copying.
+row of its weight lists (``w13[i] [2I, D]``, ``w2[i] [D, I]``), which the
+grouped FFN indexes per slot. Each copy keeps its own storage: staging a copy
+or releasing one never copies the layer's other experts (an earlier design
+re-stacked the layer on every change, and that memory traffic slowed the decode
+steps running during a migration by ~1.7x on the bench model).
 
 Concurrency: a table is immutable. Loads and unloads (serialised among
-themselves by an admin lock) build the layer's new stacks aside and swap the
-new table in with one reference assignment, so a compute never waits for a
-load and never sees half a change: it runs on the table it looked up. The old
-stacks are freed once the last compute using them returns.
+themselves by an admin lock) build the layer's new table aside and swap it in
+with one reference assignment, so a compute never waits for a load and never
+sees half a change: it runs on the table it looked up. A released copy is
+freed once the last compute using an older table returns.
 """
 
 from __future__ import annotations
@@ -81,28 +84,28 @@ class SlotFull(ValueError):
 class SlotTable:
     """What one MoE layer of a shard holds, as one immutable snapshot.
 
-    ``keys[i] = (slot, expert)`` uses row ``i`` of ``w13 [S, 2I, D]`` and
-    ``w2 [S, D, I]``; ``entries`` maps each key to its row and to views of its
-    weights into the stacks (the stacks are the only copy). ``held`` maps a
-    slot to its experts in the order they were loaded.
+    ``keys[i] = (slot, expert)`` uses row ``i`` of ``w13`` (``[2I, D]`` each)
+    and ``w2`` (``[D, I]`` each); ``entries`` maps each key to its row and its
+    weights (shared with the tables before and after: never copied). ``held``
+    maps a slot to its experts in the order they were loaded.
     """
 
     moe_layer: int
     keys: tuple[tuple[int, int], ...] = ()
-    w13: torch.Tensor | None = None
-    w2: torch.Tensor | None = None
+    w13: tuple[torch.Tensor, ...] | None = None
+    w2: tuple[torch.Tensor, ...] | None = None
     entries: dict[tuple[int, int], tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     held: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     @staticmethod
     def build(moe_layer: int, weights: Mapping[tuple[int, int], tuple[torch.Tensor, torch.Tensor]],
               held: Mapping[int, Sequence[int]]) -> "SlotTable":
-        """Stack ``(slot, expert) -> (w13 [2I, D], w2 [D, I])`` into a new table (new storage)."""
+        """A table over ``(slot, expert) -> (w13 [2I, D], w2 [D, I])`` (the tensors are shared, not copied)."""
         keys = tuple(sorted(weights))
         if not keys:
             return SlotTable(moe_layer)
-        w13 = torch.stack([weights[k][0] for k in keys])
-        w2 = torch.stack([weights[k][1] for k in keys])
+        w13 = tuple(weights[k][0] for k in keys)
+        w2 = tuple(weights[k][1] for k in keys)
         entries = {k: (i, w13[i], w2[i]) for i, k in enumerate(keys)}
         return SlotTable(moe_layer, keys, w13, w2, entries,
                          {s: tuple(es) for s, es in sorted(held.items()) if es})
@@ -114,7 +117,7 @@ class SlotTable:
     def nbytes(self) -> int:
         if self.w13 is None:
             return 0
-        return self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()
+        return sum(t.numel() * t.element_size() for t in (*self.w13, *self.w2))
 
     def rows(self, slot_ids: Sequence[int], experts: Sequence[int] | None = None) -> list[int]:
         """Stack rows for ``slot_ids`` (holding ``experts[i]`` when given).
@@ -182,7 +185,7 @@ class ExpertSlots:
         g = reader.get(names.gate, (inter, d), self.dtype)
         u = reader.get(names.up, (inter, d), self.dtype)
         w2 = reader.get(names.down, (d, inter), self.dtype)
-        return torch.cat([g, u], dim=0), w2
+        return torch.cat([g, u], dim=0), w2.contiguous()
 
     def load(self, reader: CheckpointReader, moe_layer: int, assignments: Iterable[tuple[int, int]],
              stage: bool = False) -> int:
@@ -197,7 +200,7 @@ class ExpertSlots:
                     stage: bool = False) -> int:
         """Load ``{moe_layer: [(slot, expert)]}``; returns bytes loaded. All-or-nothing.
 
-        Every tensor is read and every layer's new stacks are built before any
+        Every tensor is read and every layer's new table is built before any
         layer changes; each layer's table is then swapped in with one
         assignment. Pairs apply in order: without ``stage`` a pair replaces
         everything its slot held; with ``stage`` it adds a copy next to what the
@@ -240,7 +243,7 @@ class ExpertSlots:
                     nbytes += w13.numel() * w13.element_size() + w2.numel() * w2.element_size()
                 new[layer] = SlotTable.build(layer, weights, held)
             for layer, table in new.items():
-                self._tables[layer] = table  # the swap: computes from now on use the new stacks
+                self._tables[layer] = table  # the swap: computes from now on use the new table
         return nbytes
 
     def unload(self, moe_layer: int, slots: Iterable[int | tuple[int, int | None]]) -> int:

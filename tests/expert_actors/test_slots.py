@@ -1,4 +1,4 @@
-"""ExpertSlots tables: (slot, expert) copies, staged loads next to a slot's copy, swaps that free old stacks."""
+"""ExpertSlots tables: (slot, expert) copies, staged loads next to a slot's copy, releases that free only the released copy."""
 
 from __future__ import annotations
 
@@ -111,25 +111,26 @@ def test_third_copy_and_bad_entries_change_nothing(mix):
     assert torch.equal(slots.compute(1, [11], [5], x, [3]), _want(mix, 1, 3))
 
 
-def test_entries_are_views_and_old_stacks_are_freed(mix):
+def test_staging_and_release_never_copy_other_experts_and_free_the_released(mix):
     slots = mix["slots"]
     t = slots.table(1)
     for (slot, expert), (row, w13, w2) in t.entries.items():
-        assert w13.untyped_storage().data_ptr() == t.w13.untyped_storage().data_ptr()
-        assert w2.untyped_storage().data_ptr() == t.w2.untyped_storage().data_ptr()
-        assert torch.equal(w13, t.w13[row]) and t.keys[row] == (slot, expert)
-    assert t.w13.shape == (3, 2 * mix["spec"].moe.intermediate_size, mix["spec"].hidden_size)
+        assert w13 is t.w13[row] and w2 is t.w2[row] and t.keys[row] == (slot, expert)
+        assert w13.shape == (2 * mix["spec"].moe.intermediate_size, mix["spec"].hidden_size)
     assert slots.nbytes() == 3 * mix["per_slot"] == t.nbytes()
-    old = weakref.ref(t.w13), weakref.ref(t.w2)
-    del t, w13, w2  # the loop's views would keep the stacks alive too
+    kept = {k: (w13.data_ptr(), w2.data_ptr()) for k, (_, w13, w2) in t.entries.items()}
+    released = weakref.ref(t.entries[(11, 5)][1]), weakref.ref(t.entries[(11, 5)][2])
+    del t, w13, w2
     slots.load(mix["reader"], 1, [(11, 3)], stage=True)
-    gc.collect()
-    assert old[0]() is None and old[1]() is None  # the previous stacks are gone: one copy of the weights
+    new = slots.table(1)
+    # the copies already held keep their storage: staging copied nothing of them
+    assert {k: (e[1].data_ptr(), e[2].data_ptr()) for k, e in new.entries.items() if k in kept} == kept
     assert slots.nbytes() == 4 * mix["per_slot"]
-    old = weakref.ref(slots.table(1).w13)
+    del new
     slots.unload(1, [(11, 5)])
     gc.collect()
-    assert old() is None and slots.nbytes() == 3 * mix["per_slot"]
+    assert released[0]() is None and released[1]() is None  # the released copy is gone
+    assert slots.nbytes() == 3 * mix["per_slot"]
     slots.unload(1, [10, 11, 12])
     assert slots.table(1).w13 is None and slots.nbytes() == 0
 
@@ -143,7 +144,7 @@ def test_compute_on_a_snapshot_ignores_a_later_swap(mix):
 
 
 def test_load_does_not_block_compute(mix, monkeypatch):
-    """While a load builds its new stacks (held here), computes run on the current table."""
+    """While a load builds its new table (held here), computes run on the current table."""
     slots, x = mix["slots"], mix["x"]
     building, release = threading.Event(), threading.Event()
     real_build = SlotTable.build
