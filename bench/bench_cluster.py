@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--variants", default="off,on", help="cluster variants to run: off,on (overlap)")
     args = ap.parse_args(argv)
     import ray
     from ray import serve
@@ -103,7 +104,10 @@ def main(argv=None) -> int:
     with open(token_file, "w") as f:
         f.write("bench-token")
     try:
-        for key, overlap in (("b_cluster_overlap_off", False), ("c_cluster_overlap_on", True)):
+        variants = [(k, o) for k, o, name in (("b_cluster_overlap_off", False, "off"),
+                                              ("c_cluster_overlap_on", True, "on"))
+                    if name in args.variants.split(",")]
+        for key, overlap in variants:
             cfg = ClusterConfig(model=str(path), dtype="bfloat16", expert_shards=args.shards,
                                 redundant_slots_per_shard=0, attention_replicas=1, overlap=overlap,
                                 torch_threads=1, api_token_file=token_file,
@@ -120,10 +124,12 @@ def main(argv=None) -> int:
         serve.shutdown()
         ray.shutdown()
     for b in batches:
-        a, c = results["a_in_process"][b], results["c_cluster_overlap_on"][b]
-        print(f"batch {b:3d}: decode tok/s in-process {a['decode_tok_s']:7.1f} | cluster overlap off "
-              f"{results['b_cluster_overlap_off'][b]['decode_tok_s']:7.1f} | on {c['decode_tok_s']:7.1f} "
-              f"({c['decode_tok_s'] / a['decode_tok_s']:.2f}x of in-process)")
+        a = results["a_in_process"][b]
+        line = f"batch {b:3d}: decode tok/s in-process {a['decode_tok_s']:7.1f}"
+        for key, _ in variants:
+            c = results[key][b]
+            line += f" | {key} {c['decode_tok_s']:7.1f} ({c['decode_tok_s'] / a['decode_tok_s']:.2f}x)"
+        print(line)
     print(json.dumps(results))
     return 0
 
