@@ -99,6 +99,17 @@ def hf_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def local_redis(tmp_path_factory):
+    """One real redis-server on a free loopback port (password in a 0600 file) for the session;
+    tests keep apart by key prefix. Tests that stop Redis start their own."""
+    from cluster.redis_server import LocalRedis
+
+    info = LocalRedis.start(tmp_path_factory.mktemp("redis"))
+    yield info
+    LocalRedis.stop(info)
+
+
+@pytest.fixture(scope="session")
 def ray_serve():
     """One local Ray cluster (and Serve, proxies off) for the whole test session."""
     import ray

@@ -12,21 +12,21 @@ import pytest
 import redis
 import torch
 
-from cluster.load_store import (LoadFlusher, dropped_key, index_key, read_load, smooth, window_key,
-                                window_start_ms)
+from cluster.load_store import (
+    LoadFlusher,
+    dropped_key,
+    index_key,
+    read_load,
+    smooth,
+    window_key,
+    window_start_ms,
+)
 from cluster.redis_conn import RedisSettings, connect
 from cluster.redis_server import LocalRedis
 from router_service.load_recorder import LoadRecorder
 
 pytestmark = pytest.mark.timeout(60)
 LOGGER = "cluster.load_store"
-
-
-@pytest.fixture(scope="module")
-def local_redis(tmp_path_factory):
-    info = LocalRedis.start(tmp_path_factory.mktemp("redis"))
-    yield info
-    LocalRedis.stop(info)
 
 
 @pytest.fixture

@@ -11,10 +11,22 @@ import torch
 from attention.engine import EngineConfig, LLMEngine
 from attention.sequence import SamplingParams
 from cluster.autoscaler import RedisPublisher
-from cluster.migration import GrpcShardControl, Migrator, layer_changes, reconcile, reconcile_plan, with_layer
-from cluster.placement_store import (Event, push_event, read_events, read_placement, replica_epochs,
-                                     write_placement)
-from cluster.redis_server import LocalRedis
+from cluster.migration import (
+    GrpcShardControl,
+    Migrator,
+    layer_changes,
+    reconcile,
+    reconcile_plan,
+    with_layer,
+)
+from cluster.placement_store import (
+    Event,
+    push_event,
+    read_events,
+    read_placement,
+    replica_epochs,
+    write_placement,
+)
 from cluster.spec import load_spec
 from expert_actors.server import ExpertServer
 from router_service.grpc_transport import GrpcTransport
@@ -28,16 +40,9 @@ pytestmark = pytest.mark.timeout(180)
 FP = "test-model"
 
 
-@pytest.fixture(scope="module")
-def redis_info(tmp_path_factory):
-    info = LocalRedis.start(tmp_path_factory.mktemp("redis"))
-    yield info
-    LocalRedis.stop(info)
-
-
 @pytest.fixture
-def client(redis_info, request):
-    c = redis_info.client()
+def client(local_redis, request):
+    c = local_redis.client()
     prefix = f"t{abs(hash(request.node.name)) % 10**8}"
     yield c, prefix
     for k in c.scan_iter(match=f"{prefix}:*"):
@@ -219,7 +224,7 @@ def test_scale_up_then_down_live(cluster, client):
             current = read_placement(c, prefix).placement
             target = scale_target(load, current, current.num_shards + step)
             results = {}
-            gen = threading.Thread(target=lambda: results.update(out=engine.generate(prompts, sp)))
+            gen = threading.Thread(target=lambda res=results: res.update(out=engine.generate(prompts, sp)))
             gen.start()
             time.sleep(0.05)
             if step > 0:

@@ -8,18 +8,18 @@ import socket
 import pytest
 from pydantic import ValidationError
 
-from cluster.redis_conn import (PASSWORD_ENV, RedisAuthError, RedisSettings, RedisUnavailable, check_reachable,
-                                connect, redact_text, redact_url)
-from cluster.redis_server import LocalRedis
+from cluster.redis_conn import (
+    PASSWORD_ENV,
+    RedisAuthError,
+    RedisSettings,
+    RedisUnavailable,
+    check_reachable,
+    connect,
+    redact_text,
+    redact_url,
+)
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def local_redis(tmp_path_factory):
-    info = LocalRedis.start(tmp_path_factory.mktemp("redis"))
-    yield info
-    LocalRedis.stop(info)
 
 
 @pytest.fixture
