@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--variants", default="off,on", help="cluster variants to run: off,on (overlap)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of every shard and replica process")
     args = ap.parse_args(argv)
     import ray
     from ray import serve
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
         for key, overlap in variants:
             cfg = ClusterConfig(model=str(path), dtype="bfloat16", expert_shards=args.shards,
                                 redundant_slots_per_shard=0, attention_replicas=1, overlap=overlap,
-                                torch_threads=1, api_token_file=token_file,
+                                torch_threads=args.threads, api_token_file=token_file,
                                 engine=EngineSettings(max_num_seqs=max(batches)))
             serve.run(build_app(cfg), name=APP_NAME, route_prefix=None)
             addr = serve.get_app_handle(APP_NAME).address.remote().result(timeout_s=300)
