@@ -103,21 +103,30 @@ def _prompts(n=6, vocab=256):
             for _ in range(n)]
 
 
-def test_live_migration_keeps_outputs(cluster, client):
-    ckpt, spec, placement, servers, transport = cluster
+def _following_engine(cluster, client):
+    """An engine on the gRPC shards whose dispatcher records load and follows the placement in Redis;
+    returns it with its prompts, sampling params and reference outputs (taken before following)."""
+    ckpt, spec, placement, _, transport = cluster
     c, prefix = client
-    L, E = spec.num_moe_layers, spec.moe.num_experts
     write_placement(c, prefix, placement, FP)
     engine = LLMEngine(ckpt, EngineConfig(dtype="float32"), transport=transport, placement=placement)
     sp = SamplingParams(max_tokens=24, ignore_eos=True)
     prompts = _prompts()
     reference = engine.generate(prompts, sp)
-
     dispatcher = engine.router.dispatcher
-    dispatcher.recorder = LoadRecorder(L, E, placement.num_slots)
-    follower = PlacementFollower(dispatcher, c, prefix, "r1", L, E, poll_s=0.02)
+    dispatcher.recorder = LoadRecorder(spec.num_moe_layers, spec.moe.num_experts, placement.num_slots)
+    follower = PlacementFollower(dispatcher, c, prefix, "r1", spec.num_moe_layers, spec.moe.num_experts,
+                                 poll_s=0.02)
     dispatcher.on_stale = follower.refresh
     follower.start()
+    return engine, dispatcher, follower, prompts, sp, reference
+
+
+def test_live_migration_keeps_outputs(cluster, client):
+    _, spec, placement, servers, transport = cluster
+    c, prefix = client
+    L, E = spec.num_moe_layers, spec.moe.num_experts
+    engine, dispatcher, follower, prompts, sp, reference = _following_engine(cluster, client)
     try:
         load = zipf_load(L, E, 1.2, seed=1)
         target = plan_placement(load, 2, 5, current=placement)
@@ -195,19 +204,10 @@ def test_scale_up_then_down_live(cluster, client):
     """Add a third shard and remove it again while requests decode: outputs never change."""
     from cluster.migration import scale_target
 
-    ckpt, spec, placement, servers, transport = cluster
+    ckpt, spec, _, servers, transport = cluster
     c, prefix = client
     L, E = spec.num_moe_layers, spec.moe.num_experts
-    write_placement(c, prefix, placement, FP)
-    engine = LLMEngine(ckpt, EngineConfig(dtype="float32"), transport=transport, placement=placement)
-    sp = SamplingParams(max_tokens=24, ignore_eos=True)
-    prompts = _prompts()
-    reference = engine.generate(prompts, sp)
-    dispatcher = engine.router.dispatcher
-    dispatcher.recorder = LoadRecorder(L, E, placement.num_slots)
-    follower = PlacementFollower(dispatcher, c, prefix, "r1", L, E, poll_s=0.02)
-    dispatcher.on_stale = follower.refresh
-    follower.start()
+    engine, dispatcher, follower, prompts, sp, reference = _following_engine(cluster, client)
     extra = {}
 
     def create(shard_id, assignments):
