@@ -217,3 +217,44 @@ def test_autoscaler_adds_a_shard_under_load(skewed_model, reference, redis_info,
         held = {int(layer): sorted(map(tuple, pairs)) for layer, pairs in s["slots"].items()}
         assert held == {l: sorted(p) for l, p in stored.shard_slots(s["shard_id"]).items()}
         assert s["tokens"] > 0  # every shard, the new one included, computed tokens
+
+
+def test_autoscaler_removes_a_shard_when_load_is_low(skewed_model, reference, redis_info, ray_serve, tmp_path):
+    """Bounds 2..3 shards, a scale-down threshold no traffic reaches: the autoscaler migrates the
+    experts off shard 2, publishes the 2-shard placement, then removes that actor; outputs unchanged."""
+    import ray
+    from ray import serve
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    prefix = "autoscale-down-test"
+    if not LocalRedis.is_alive(redis_info):
+        redis_info = _STARTED[-1]
+    namespace = "autoscale-down"
+    cfg = ClusterConfig(
+        model=str(skewed_model), dtype="float32", namespace=namespace, expert_shards=3,
+        redundant_slots_per_shard=1, attention_replicas=1, torch_threads=1, api_token_file=str(token_file),
+        engine=EngineSettings(kv_cache_mib=16),
+        redis=RedisSettings(url=redis_info.url, password_file=redis_info.password_file, key_prefix=prefix,
+                            window_s=1.0, flush_interval_s=0.2),
+        autoscaler=AutoscalerSettings(interval_s=0.5, lookback_s=4, sustain_s=1, cooldown_s=600, min_tokens=100,
+                                      min_shards=2, max_shards=3, scale_down_load=1e9, drain_timeout_s=10))
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix=None)
+    addr = serve.get_app_handle(APP_NAME).address.remote().result(timeout_s=120)
+    client = redis_info.client()
+    prompts = _prompts()
+    deadline = time.monotonic() + 180
+    while True:
+        assert asyncio.run(_round(addr, prompts)) == reference
+        events = read_events(client, prefix)
+        if any(e["kind"] == "scale_down" for e in events):
+            break
+        assert time.monotonic() < deadline, f"no scale-down; events {events[:5]}"
+    assert asyncio.run(_round(addr, prompts)) == reference  # served by two shards now
+    stored = read_placement(client, prefix).placement
+    assert stored.num_shards == 2
+    stored.validate(8)
+    shards = serve.get_deployment_handle("ShardManager", APP_NAME).status.remote().result(timeout_s=60)
+    assert [s["shard_id"] for s in shards] == [0, 1] and all(s["healthy"] for s in shards)
+    with pytest.raises(ValueError):
+        ray.get_actor(f"{namespace}-shard-2", namespace=namespace)  # the actor is gone
