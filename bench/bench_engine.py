@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from bench.common import ensure_bench_model, timed, workload
+from bench.common import batch_groups, ensure_bench_model, timed, workload
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,9 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    from transformers import AutoModelForCausalLM
+
     from attention.engine import EngineConfig, LLMEngine
     from attention.sequence import SamplingParams
-    from transformers import AutoModelForCausalLM
 
     path = ensure_bench_model()
     prompts = workload()
@@ -41,10 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     results = []
     for b in [int(x) for x in args.batches.split(",")]:
-        if b == 1:
-            groups = [[p] for p in prompts[:args.batch1_prompts]]
-        else:
-            groups = [prompts[i:i + b] for i in range(0, len(prompts), b)][:1]
+        groups = batch_groups(prompts, b, args.batch1_prompts)
         n_tokens = sum(len(g) for g in groups) * args.new_tokens
 
         def run_engine(n_new):

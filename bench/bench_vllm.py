@@ -197,7 +197,7 @@ def run_throughput(args) -> int:
 
     from attention.engine import EngineConfig, LLMEngine
     from attention.sequence import SamplingParams
-    from bench.common import ensure_bench_model, workload
+    from bench.common import batch_groups, ensure_bench_model, workload
 
     torch.set_num_threads(args.threads)
     path = Path(args.model) if args.model else ensure_bench_model()
@@ -212,10 +212,7 @@ def run_throughput(args) -> int:
             hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
         results = []
         for b in [int(x) for x in args.batches.split(",")]:
-            if b == 1:
-                groups = [[p] for p in prompts[:args.batch1_prompts]]
-            else:
-                groups = [prompts[i:i + b] for i in range(0, len(prompts), b)][:1]
+            groups = batch_groups(prompts, b, args.batch1_prompts)
             n_tokens = sum(len(g) for g in groups) * args.new_tokens
             out = {}
 

@@ -28,6 +28,14 @@ def workload(n_prompts: int = 32, prompt_len: int = 64, vocab: int = 32000, seed
     return torch.randint(3, vocab, (n_prompts, prompt_len), generator=g).tolist()
 
 
+def batch_groups(prompts: list[list[int]], batch: int, batch1_prompts: int) -> list[list[list[int]]]:
+    """The prompt groups a benchmark runs at ``batch``: batch 1 runs the first ``batch1_prompts``
+    prompts one after another; a larger batch runs the first ``batch`` prompts together."""
+    if batch == 1:
+        return [[p] for p in prompts[:batch1_prompts]]
+    return [prompts[i:i + batch] for i in range(0, len(prompts), batch)][:1]
+
+
 def timed(fn, repeats: int) -> tuple[float, list[float]]:
     """Median wall seconds of ``fn()`` over ``repeats`` runs (after one warm-up)."""
     fn()
