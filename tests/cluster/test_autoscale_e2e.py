@@ -86,7 +86,7 @@ def app(skewed_model, redis_info, ray_serve, tmp_path_factory):
         engine=EngineSettings(kv_cache_mib=16),
         redis=RedisSettings(url=redis_info.url, password_file=redis_info.password_file, key_prefix=PREFIX,
                             window_s=1.0, flush_interval_s=0.2, socket_timeout_s=0.3),
-        autoscaler=AutoscalerSettings(interval_s=0.5, lookback_s=6, half_life_windows=3, threshold=0.9,
+        autoscaler=AutoscalerSettings(interval_s=0.5, lookback_s=8, half_life_windows=50, threshold=0.9,
                                       sustain_s=6, cooldown_s=600, min_gain=0.05, min_tokens=300,
                                       drain_timeout_s=10, reconcile_interval_s=2))
     serve.run(build_app(cfg), name=APP_NAME, route_prefix=None)
@@ -162,8 +162,8 @@ def test_redis_killed_mid_traffic_costs_nothing(app, reference, redis_info, tmp_
     assert st["load_stats"]["flushes_failed"] > 0 and st["load_stats"]["failing"]
 
     # Redis returns (empty: no persistence), on the same port and password
+    back = time.time()  # before the start: the autoscaler may republish as soon as Redis answers
     _STARTED.append(LocalRedis.start(redis_info.dir, port=redis_info.port, password_file=redis_info.password_file))
-    back = time.time()
     client = redis_info.client()
     deadline = time.monotonic() + 60
     while True:
@@ -178,24 +178,25 @@ def test_redis_killed_mid_traffic_costs_nothing(app, reference, redis_info, tmp_
     assert read_placement(client, PREFIX).placement.epoch >= 1
 
 
-def test_autoscaler_adds_a_shard_under_load(skewed_model, reference, redis_info, ray_serve, tmp_path):
-    """Bounds 2..3 shards and a low scale-up threshold: traffic makes the autoscaler create a
-    third shard actor (through the ShardManager) and move slots onto it, live."""
+def _run_until_scaled(skewed_model, reference, redis_info, tmp_path, *, namespace: str, prefix: str,
+                      expert_shards: int, kind: str, **scaling):
+    """Deploy with shard bounds 2..3 and ``scaling`` thresholds, stream rounds of requests (each
+    checked against the in-process engine) until an event of ``kind`` appears; returns the
+    published placement and the shard manager's status after one more checked round."""
     from ray import serve
 
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
-    prefix = "autoscale-scale-test"
     if not LocalRedis.is_alive(redis_info):  # the outage test restarted it: use the live one
         redis_info = _STARTED[-1]
     cfg = ClusterConfig(
-        model=str(skewed_model), dtype="float32", namespace="autoscale-scale", expert_shards=2,
+        model=str(skewed_model), dtype="float32", namespace=namespace, expert_shards=expert_shards,
         redundant_slots_per_shard=1, attention_replicas=1, torch_threads=1, api_token_file=str(token_file),
         engine=EngineSettings(kv_cache_mib=16),
         redis=RedisSettings(url=redis_info.url, password_file=redis_info.password_file, key_prefix=prefix,
                             window_s=1.0, flush_interval_s=0.2),
         autoscaler=AutoscalerSettings(interval_s=0.5, lookback_s=4, sustain_s=1, cooldown_s=600, min_tokens=100,
-                                      min_shards=2, max_shards=3, scale_up_load=50, drain_timeout_s=10))
+                                      min_shards=2, max_shards=3, drain_timeout_s=10, **scaling))
     serve.run(build_app(cfg), name=APP_NAME, route_prefix=None)
     addr = serve.get_app_handle(APP_NAME).address.remote().result(timeout_s=120)
     client = redis_info.client()
@@ -204,14 +205,22 @@ def test_autoscaler_adds_a_shard_under_load(skewed_model, reference, redis_info,
     while True:
         assert asyncio.run(_round(addr, prompts)) == reference
         events = read_events(client, prefix)
-        if any(e["kind"] == "scale_up" for e in events):
+        if any(e["kind"] == kind for e in events):
             break
-        assert time.monotonic() < deadline, f"no scale-up; events {events[:5]}"
-    assert asyncio.run(_round(addr, prompts)) == reference  # served by three shards now
+        assert time.monotonic() < deadline, f"no {kind}; events {events[:5]}"
+    assert asyncio.run(_round(addr, prompts)) == reference  # served by the new set of shards
     stored = read_placement(client, prefix).placement
+    shards = serve.get_deployment_handle("ShardManager", APP_NAME).status.remote().result(timeout_s=60)
+    return stored, shards
+
+
+def test_autoscaler_adds_a_shard_under_load(skewed_model, reference, redis_info, ray_serve, tmp_path):
+    """Bounds 2..3 shards and a low scale-up threshold: traffic makes the autoscaler create a
+    third shard actor (through the ShardManager) and move slots onto it, live."""
+    stored, shards = _run_until_scaled(skewed_model, reference, redis_info, tmp_path, namespace="autoscale-scale",
+                                       prefix="autoscale-scale-test", expert_shards=2, kind="scale_up",
+                                       scale_up_load=50)
     assert stored.num_shards == 3
-    manager = serve.get_deployment_handle("ShardManager", APP_NAME)
-    shards = manager.status.remote().result(timeout_s=60)
     assert [s["healthy"] for s in shards] == [True, True, True]
     for s in shards:
         held = {int(layer): sorted(map(tuple, pairs)) for layer, pairs in s["slots"].items()}
@@ -223,38 +232,13 @@ def test_autoscaler_removes_a_shard_when_load_is_low(skewed_model, reference, re
     """Bounds 2..3 shards, a scale-down threshold no traffic reaches: the autoscaler migrates the
     experts off shard 2, publishes the 2-shard placement, then removes that actor; outputs unchanged."""
     import ray
-    from ray import serve
 
-    token_file = tmp_path / "token"
-    token_file.write_text(TOKEN)
-    prefix = "autoscale-down-test"
-    if not LocalRedis.is_alive(redis_info):
-        redis_info = _STARTED[-1]
     namespace = "autoscale-down"
-    cfg = ClusterConfig(
-        model=str(skewed_model), dtype="float32", namespace=namespace, expert_shards=3,
-        redundant_slots_per_shard=1, attention_replicas=1, torch_threads=1, api_token_file=str(token_file),
-        engine=EngineSettings(kv_cache_mib=16),
-        redis=RedisSettings(url=redis_info.url, password_file=redis_info.password_file, key_prefix=prefix,
-                            window_s=1.0, flush_interval_s=0.2),
-        autoscaler=AutoscalerSettings(interval_s=0.5, lookback_s=4, sustain_s=1, cooldown_s=600, min_tokens=100,
-                                      min_shards=2, max_shards=3, scale_down_load=1e9, drain_timeout_s=10))
-    serve.run(build_app(cfg), name=APP_NAME, route_prefix=None)
-    addr = serve.get_app_handle(APP_NAME).address.remote().result(timeout_s=120)
-    client = redis_info.client()
-    prompts = _prompts()
-    deadline = time.monotonic() + 180
-    while True:
-        assert asyncio.run(_round(addr, prompts)) == reference
-        events = read_events(client, prefix)
-        if any(e["kind"] == "scale_down" for e in events):
-            break
-        assert time.monotonic() < deadline, f"no scale-down; events {events[:5]}"
-    assert asyncio.run(_round(addr, prompts)) == reference  # served by two shards now
-    stored = read_placement(client, prefix).placement
+    stored, shards = _run_until_scaled(skewed_model, reference, redis_info, tmp_path, namespace=namespace,
+                                       prefix="autoscale-down-test", expert_shards=3, kind="scale_down",
+                                       scale_down_load=1e9)
     assert stored.num_shards == 2
     stored.validate(8)
-    shards = serve.get_deployment_handle("ShardManager", APP_NAME).status.remote().result(timeout_s=60)
     assert [s["shard_id"] for s in shards] == [0, 1] and all(s["healthy"] for s in shards)
     with pytest.raises(ValueError):
         ray.get_actor(f"{namespace}-shard-2", namespace=namespace)  # the actor is gone
