@@ -102,6 +102,8 @@ class AutoscalerCore:
         self._redis_failing = False
         self._last_placement: Placement | None = None
         self.rebalances = 0
+        self.event_hooks: list = []
+        """Called with every :class:`Event` (metrics); a hook that raises is logged, not propagated."""
 
     # -- helpers -----------------------------------------------------------------------
     def current(self) -> Placement:
@@ -123,6 +125,11 @@ class AutoscalerCore:
 
     def _event(self, event: Event) -> None:
         log.info("autoscaler %s: %s", event.kind, event.reason)
+        for hook in self.event_hooks:
+            try:
+                hook(event)
+            except Exception:
+                log.exception("autoscaler event hook failed")
         try:
             push_event(self.client, self.prefix, event)
         except Exception as e:

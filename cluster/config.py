@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cluster.autoscale_policy import AutoscalerSettings
+from cluster.dashboard.settings import DashboardSettings
 from cluster.redis_conn import RedisSettings
 
 MOEYARD_HOME = Path.home() / ".moeyard"
@@ -68,6 +69,8 @@ class ClusterConfig(BaseModel):
     """Load statistics, the placement and autoscaler events; ``moeyard up`` fills ``url`` with its own
     ``redis-server`` unless ``--redis URL`` is given. Without a URL: static placement, no autoscaler."""
     autoscaler: AutoscalerSettings = AutoscalerSettings()
+    dashboard: DashboardSettings = DashboardSettings()
+    """The operator dashboard and ``/metrics`` (own port, loopback, behind the API token by default)."""
 
     @field_validator("placement")
     @classmethod
@@ -81,6 +84,9 @@ class ClusterConfig(BaseModel):
 
     def token_file(self) -> Path:
         return Path(self.api_token_file) if self.api_token_file else DEFAULT_TOKEN_FILE
+
+    def dashboard_token_file(self) -> Path:
+        return Path(self.dashboard.token_file) if self.dashboard.token_file else self.token_file()
 
 
 def load_config(path: str | Path | None, **overrides) -> ClusterConfig:

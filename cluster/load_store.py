@@ -136,6 +136,8 @@ class LoadFlusher:
             None = ``(0, recorder.num_slots)``. Whoever switches placements calls
             ``recorder.resize_slots`` when the slot count changes.
         clock: wall clock in seconds (tests).
+        on_snapshot: called with every snapshot taken from the recorder, before it is
+            windowed (the replica's cumulative Prometheus counters); must not raise.
 
     :meth:`start` starts the thread, :meth:`stop` ends it; :meth:`flush_now`
     runs one flush on the caller's thread. Nothing here raises into serving.
@@ -144,7 +146,8 @@ class LoadFlusher:
     def __init__(self, recorder: LoadRecorder, client_factory: Callable[[], redis.Redis] | None,
                  settings: RedisSettings, reporter_id: str,
                  epoch_fn: Callable[[], tuple[int, int]] | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time,
+                 on_snapshot: Callable[[LoadSnapshot], None] | None = None):
         if not re.match(KEY_PART_PATTERN, reporter_id):
             raise ValueError(f"reporter id {reporter_id!r} must match {KEY_PART_PATTERN} (no ':' or spaces)")
         self.recorder = recorder
@@ -153,6 +156,7 @@ class LoadFlusher:
         self._client_factory = client_factory or (lambda: connect(settings))
         self._epoch_fn = epoch_fn or (lambda: (0, recorder.num_slots))
         self._clock = clock
+        self._on_snapshot = on_snapshot
         self._run_id = secrets.token_hex(4)
         self._client: redis.Redis | None = None
         self._entries: dict[tuple[int, int], _Entry] = {}  # (window_ms, gen) -> entry, oldest first
@@ -220,7 +224,13 @@ class LoadFlusher:
         confirmed. Returns whether Redis confirmed the write (True when there was nothing to write)."""
         with self._flush_lock:
             try:
-                self._collect(self.recorder.take(), self._clock())
+                snap = self.recorder.take()
+                if self._on_snapshot is not None:
+                    try:
+                        self._on_snapshot(snap)
+                    except Exception:  # noqa: BLE001 - metrics never cost the load windows
+                        log.exception("load snapshot hook failed")
+                self._collect(snap, self._clock())
                 return self._write()
             except Exception as e:  # noqa: BLE001 - never into serving
                 self._failed(e)

@@ -1,0 +1,165 @@
+"""What the dashboard shows: typed views of one moment of the cluster.
+
+:class:`DashboardState` is the JSON the dashboard's ``/api/state`` returns
+(``dataclasses.asdict``), what the page renders and what ``moeyard top`` draws.
+It is built by :mod:`cluster.dashboard.collect` from Redis (load windows,
+placement, events, published telemetry) and the shard manager (shard status);
+the views here hold plain lists and numbers only, so that they serialise as they are.
+
+Shapes use ``L`` MoE layers, ``E`` logical experts, ``P`` physical slots,
+``N`` shards, ``W`` load windows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PlacementView:
+    epoch: int
+    num_shards: int
+    slots_per_shard: int
+    phy2log: list[list[int]]
+    """``[L][P]`` logical expert in each physical slot; slot ``p`` lives on shard ``p // slots_per_shard``."""
+    copies: list[list[int]]
+    """``[L][E]`` number of copies of each logical expert."""
+
+
+@dataclass
+class HeatmapView:
+    window_s: float
+    """Length of one load window (seconds)."""
+    span_s: float
+    """Seconds the rates average over (the newest whole windows)."""
+    rate: list[list[float]]
+    """``[L][E]`` routed tokens per second to each logical expert."""
+    hot: list[list[int]]
+    """``[[layer, expert], ...]``: rate at least ``hot_factor`` x its layer's mean."""
+    cold: list[list[int]]
+    """``[[layer, expert], ...]``: no token in the newest whole window while its layer had some (dead or collapsed)."""
+    hot_factor: float
+
+
+@dataclass
+class ShardSeries:
+    """Per MoE layer: tokens per shard and balancedness over time (one point per load window)."""
+
+    times: list[float]
+    """``[W]`` window starts, unix seconds, oldest first."""
+    rate: list[list[list[float | None]]]
+    """``[L][W][N]`` tokens per second computed by each shard; ``None`` where the window's slot
+    counts are incomplete (the number of slots changed inside it)."""
+    balancedness: list[list[float | None]]
+    """``[L][W]`` mean / max tokens per shard (1.0 = perfectly even); ``None`` as above or for an idle window."""
+    min_balancedness: list[float | None]
+    """``[W]`` the minimum over layers (what the autoscaler acts on)."""
+    num_shards: int
+
+
+@dataclass
+class EventView:
+    """One autoscaler event (``cluster.placement_store.Event``) and its measured effect."""
+
+    kind: str
+    """``rebalance`` | ``scale_up`` | ``scale_down`` (``*_failed``) | ``skip`` | ``reconcile`` | ``republish``."""
+    reason: str
+    time: float
+    epoch_before: int | None = None
+    epoch_after: int | None = None
+    balancedness_before: float | None = None
+    """Predicted by the planner from the smoothed load."""
+    balancedness_after: float | None = None
+    duration_s: float | None = None
+    slots_moved: int | None = None
+    bytes_loaded: int | None = None
+    measured_before: float | None = None
+    """Mean min-over-layers balancedness of the load windows in the minute before the event, if any."""
+    measured_after: float | None = None
+    """The same for the windows that started after the event ended."""
+
+
+@dataclass
+class ReplicaHealth:
+    replica: str
+    running: int
+    waiting: int
+    kv_cache_usage: float
+    """Fraction of KV cache blocks in use, 0..1."""
+    num_blocks: int
+    placement_epoch: int | None
+    tokens_per_s: float
+    """Generated tokens per second over the last ``recent_s`` seconds."""
+    ttft_p50_s: float | None
+    ttft_p99_s: float | None
+    itl_p50_s: float | None
+    itl_p99_s: float | None
+    requests_finished: int
+    requests_failed: int
+    age_s: float
+    """Seconds since the replica last published."""
+
+
+@dataclass
+class ShardHealth:
+    shard_id: int
+    healthy: bool
+    address: str | None = None
+    slots: int = 0
+    """Expert copies held, all MoE layers."""
+    weight_bytes: int = 0
+    rss_bytes: int = 0
+    tokens: int = 0
+    """(token, expert) rows computed since the shard started."""
+    error: str | None = None
+
+
+@dataclass
+class ServingView:
+    replicas: list[ReplicaHealth]
+    shards: list[ShardHealth]
+    running: int
+    waiting: int
+    tokens_per_s: float
+    ttft_p50_s: float | None
+    """Worst replica's p50 / p99 (replicas keep their own samples)."""
+    ttft_p99_s: float | None
+    itl_p50_s: float | None
+    itl_p99_s: float | None
+
+
+@dataclass
+class Economics:
+    """Parameter counts of the checkpoint (from its tensor shapes) and the dense-equivalent estimate."""
+
+    family: str
+    num_layers: int
+    num_moe_layers: int
+    num_experts: int
+    top_k: int
+    total_params: int
+    active_params: int
+    """Parameters one token uses: everything but the routed experts, plus ``top_k`` routed experts per MoE layer."""
+    routed_expert_params: int
+    dense_equivalent_params: float
+    """Epoch AI's heuristic: ``total / (E ** 0.44 / A ** 0.63)``."""
+    bytes_per_param: int
+
+
+@dataclass
+class DashboardState:
+    time: float
+    """Unix seconds when the state was built."""
+    model: str
+    redis_ok: bool
+    redis_error: str | None
+    placement: PlacementView | None
+    heatmap: HeatmapView | None
+    shard_series: ShardSeries | None
+    events: list[EventView]
+    """Newest first."""
+    serving: ServingView
+    economics: Economics | None
+    lookback_s: float
+    notes: list[str] = field(default_factory=list)
+    """Why a panel is empty (e.g. "no Redis configured", "no load windows yet")."""
