@@ -132,6 +132,14 @@ def _add_cluster(sub) -> None:
     p = sub.add_parser("status", help="shards, slots, replicas and health of the running cluster")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=lambda args: __import__("cluster.local_cluster", fromlist=["status"]).status(args.json))
+    p = sub.add_parser("top", help="live expert load, balancedness, placement and serving health (from the dashboard)")
+    p.add_argument("--url", help="dashboard URL, http://host:port/ (default: the one `moeyard up` started)")
+    p.add_argument("--token", help="API token (else MOEYARD_API_TOKEN, else ~/.moeyard/token)")
+    p.add_argument("--lookback", type=float, default=300, metavar="SECONDS",
+                   help="seconds of load windows and events to show (default 300)")
+    p.add_argument("--interval", type=float, default=2, metavar="SECONDS", help="refresh period (default 2)")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.set_defaults(func=cmd_top)
 
 
 def cmd_up(args) -> int:
@@ -147,6 +155,24 @@ def cmd_up(args) -> int:
     if args.autoscale is False:
         cfg = cfg.model_copy(update={"autoscaler": cfg.autoscaler.model_copy(update={"enabled": False})})
     return up(cfg, args.address, args.detach)
+
+
+def cmd_top(args) -> int:
+    from cluster.top import run_top
+    from moeyard.client import resolve_token
+
+    if args.lookback <= 0 or args.interval <= 0:
+        raise ValueError("--lookback and --interval must be positive")
+    url = args.url
+    if not url:
+        from cluster.local_cluster import load_state
+
+        state = load_state()
+        url = getattr(state, "dashboard", None) if state is not None else None
+    if not url:
+        print("error: no dashboard URL: pass --url or start a cluster with `moeyard up`", file=sys.stderr)
+        return 1
+    return run_top(url, resolve_token(args.token), args.lookback, args.interval, args.once)
 
 
 def _generate_remote(args) -> int:
