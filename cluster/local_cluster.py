@@ -47,6 +47,8 @@ class ClusterState:
     redis_prefix: str | None = None
     local_redis: dict | None = None
     """The redis-server ``up`` started (``LocalRedisInfo``), stopped by ``down``."""
+    dashboard: str | None = None
+    """Dashboard URL (``http://host:port/``)"""
 
 
 def ray_env() -> None:
@@ -134,8 +136,8 @@ def start_ray_head(cfg: ClusterConfig) -> str:
     return f"127.0.0.1:{port}"
 
 
-def deploy(cfg: ClusterConfig, ray_address: str, timeout_s: float = 300) -> str:
-    """Deploy the Serve application; returns the API address once it is healthy."""
+def deploy(cfg: ClusterConfig, ray_address: str, timeout_s: float = 300) -> tuple[str, str | None]:
+    """Deploy the Serve application; returns the API address (once it is healthy) and the dashboard URL."""
     import ray
     from ray import serve
 
@@ -144,9 +146,10 @@ def deploy(cfg: ClusterConfig, ray_address: str, timeout_s: float = 300) -> str:
     _connect(ray_address, cfg.namespace)
     serve.start(proxy_location="Disabled")
     serve.run(build_app(cfg), name=APP_NAME, route_prefix=None, blocking=False)
-    addr = serve.get_app_handle(APP_NAME).address.remote().result(timeout_s=timeout_s)
+    ingress = serve.get_app_handle(APP_NAME)
+    addr = ingress.address.remote().result(timeout_s=timeout_s)
     wait_healthy(addr, timeout_s)
-    return addr
+    return addr, ingress.dashboard_address.remote().result(timeout_s=60)
 
 
 def wait_healthy(addr: str, timeout_s: float) -> None:
@@ -201,7 +204,7 @@ def up(cfg: ClusterConfig, address: str | None, detach: bool) -> int:
             LocalRedis.stop(local_redis)
         raise
     try:
-        api = deploy(cfg, ray_address)
+        api, dashboard = deploy(cfg, ray_address)
     except BaseException:
         if started:
             stop_ray()
@@ -210,8 +213,9 @@ def up(cfg: ClusterConfig, address: str | None, detach: bool) -> int:
         raise
     save_state(ClusterState(ray_address, started, api, cfg.namespace, str(cfg.model_dir()), os.getpid(),
                             cfg.redis.redacted_url(), cfg.redis.key_prefix,
-                            local_redis.to_dict() if local_redis else None))
+                            local_redis.to_dict() if local_redis else None, dashboard))
     print(f"API {api}", flush=True)
+    print(f"Dashboard {dashboard or 'off'}", flush=True)
     if cfg.require_auth:
         print(f"API token in {cfg.token_file()}", file=sys.stderr, flush=True)
     if detach:

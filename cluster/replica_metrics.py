@@ -26,6 +26,8 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0)
 E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 240.0, 480.0)
+FINISH_REASONS = ("stop", "length")
+FAILURE_REASONS = ("invalid_argument", "resource_exhausted", "unavailable", "aborted")
 
 
 @dataclass
@@ -97,6 +99,10 @@ class ReplicaMetrics:
         self.expert_tokens_by_expert = Counter(
             "moeyard:expert_tokens_by_expert", "(token, expert) rows routed to each logical expert",
             ["layer", "expert"], registry=r) if per_expert else None
+        for reason in FINISH_REASONS:  # every series exists from the start (rate() needs a zero)
+            self.success.labels(finished_reason=reason)
+        for reason in FAILURE_REASONS:
+            self.failure.labels(reason=reason)
         self._lock = threading.Lock()
         self._ttft_recent = _Recent(recent_s)
         self._itl_recent = _Recent(recent_s)

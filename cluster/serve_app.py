@@ -244,9 +244,14 @@ class AttentionReplica:
             transport=self.transport, placement=placement)
         self.engine = AsyncEngine(engine, max_waiting=e.max_waiting)
         self.replica_id = replica_id()
-        self.flusher = self.follower = None
-        if placement is not None and c.redis.enabled:
-            self._start_load_stats(engine, placement)
+        self.flusher = self.follower = self.telemetry = None
+        from cluster.replica_metrics import ReplicaMetrics
+
+        self.metrics = ReplicaMetrics(per_expert=c.dashboard.per_expert_metrics)
+        if c.redis.enabled:
+            if placement is not None:
+                self._start_load_stats(engine, placement)
+            self._start_telemetry()
 
     def _start_load_stats(self, engine, placement) -> None:
         """Count tokens per expert and slot, flush them to Redis, follow the published placement."""
@@ -260,12 +265,40 @@ class AttentionReplica:
         dispatcher = engine.router.dispatcher
         dispatcher.recorder = LoadRecorder(placement.num_layers, placement.num_experts, placement.num_slots)
         self.flusher = LoadFlusher(dispatcher.recorder, lambda: client, c.redis, self.replica_id,
-                                   epoch_fn=lambda: (dispatcher.placement.epoch, dispatcher.placement.num_slots))
+                                   epoch_fn=lambda: (dispatcher.placement.epoch, dispatcher.placement.num_slots),
+                                   on_snapshot=lambda snap: self.metrics.expert_load(
+                                       snap, dispatcher.placement.num_shards))
         self.flusher.start()
         self.follower = PlacementFollower(dispatcher, client, c.redis.key_prefix, self.replica_id,
                                           placement.num_layers, placement.num_experts)
         dispatcher.on_stale = self.follower.refresh
         self.follower.start()
+
+    def _start_telemetry(self) -> None:
+        """Publish this replica's metrics and recent serving figures to Redis (for the dashboard)."""
+        from cluster.redis_conn import connect
+        from cluster.telemetry import TelemetryPublisher
+
+        client = connect(self.cfg.redis)
+        self.telemetry = TelemetryPublisher(
+            lambda: client, self.cfg.redis.key_prefix, "replica", self.replica_id, self.metrics.registry,
+            summary_fn=self._summary, interval_s=self.cfg.dashboard.telemetry_interval_s,
+            before_publish=self._refresh_gauges).start()
+
+    def _epoch(self) -> int | None:
+        router = self.engine.engine.router
+        return router.dispatcher.placement.epoch if router is not None and self.transport is not None else None
+
+    def _refresh_gauges(self) -> None:
+        s = self.engine.stats()
+        f = self.flusher.stats() if self.flusher is not None else None
+        self.metrics.engine_state(s.running, s.waiting, s.kv_cache_usage, self._epoch(),
+                                  f.flushes_failed if f else 0, f.tokens_dropped if f else 0)
+
+    def _summary(self) -> dict:
+        s = self.engine.stats()
+        return {"running": s.running, "waiting": s.waiting, "kv_cache_usage": s.kv_cache_usage,
+                "num_blocks": s.num_blocks, "placement_epoch": self._epoch(), **self.metrics.summary()}
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict):
         """Stream dicts: new ``token_ids`` per step, ``finish_reason`` on the last;
@@ -273,18 +306,34 @@ class AttentionReplica:
         from attention.async_engine import EngineFailed, QueueFull
         from attention.sequence import RequestError, SamplingParams
 
+        from cluster.replica_metrics import RequestTimer
+
+        timer, m, done = RequestTimer(), self.metrics, False
         try:
             sp = SamplingParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()})
             async for out in self.engine.generate(request_id, prompt_token_ids, sp):
+                m.tokens(timer, len(out.new_token_ids))
+                if out.finished:
+                    done = True
+                    m.finished(timer, out.finish_reason, out.num_prompt_tokens)
                 yield {"token_ids": out.new_token_ids, "finished": out.finished,
                        "finish_reason": out.finish_reason, "prompt_tokens": out.num_prompt_tokens,
                        "completion_tokens": out.num_output_tokens}
         except (RequestError, TypeError) as e:
+            done = True
+            m.failed("invalid_argument")
             yield {"error": "invalid_argument", "message": str(e)}
         except QueueFull as e:
+            done = True
+            m.failed("resource_exhausted")
             yield {"error": "resource_exhausted", "message": str(e)}
         except EngineFailed as e:
+            done = True
+            m.failed("unavailable")
             yield {"error": "unavailable", "message": str(e)}
+        finally:
+            if not done:  # the caller went away (cancelled, deadline) before the last token
+                m.failed("aborted")
 
     async def stats(self) -> dict:
         from dataclasses import asdict
@@ -299,7 +348,7 @@ class AttentionReplica:
         return out
 
     def __del__(self):
-        for part in ("follower", "flusher"):
+        for part in ("telemetry", "follower", "flusher"):
             obj = getattr(self, part, None)
             if obj is not None:
                 try:
@@ -370,6 +419,13 @@ class Autoscaler:
         factory = _ServeShardFactory(shard_manager) if c.autoscaler.min_shards is not None else None
         self.core = AutoscalerCore(c.autoscaler, client, prefix, info["fingerprint"],
                                    GrpcShardControl(self.transport), load_reader, L, E, factory)
+        from cluster.autoscaler_metrics import AutoscalerMetrics
+        from cluster.telemetry import TelemetryPublisher
+
+        self.metrics = AutoscalerMetrics()
+        self.core.event_hooks.append(self.metrics.observe)
+        self.telemetry = TelemetryPublisher(lambda: client, prefix, "autoscaler", "0", self.metrics.registry,
+                                            interval_s=c.dashboard.telemetry_interval_s).start()
         self._thread = threading.Thread(target=self._loop, name="autoscaler", daemon=True)
         self._thread.start()
 
@@ -394,6 +450,53 @@ class Autoscaler:
 
     def __del__(self):
         self._stop.set()
+        telemetry = getattr(self, "telemetry", None)
+        if telemetry is not None:
+            telemetry.stop()
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, health_check_period_s=2)
+class Dashboard:
+    """The operator dashboard and ``/metrics`` on their own port (see ``cluster.dashboard``)."""
+
+    async def __init__(self, cfg: dict, shard_manager):
+        from cluster.dashboard.collect import DashboardSource
+        from cluster.dashboard.server import DashboardServer
+        from cluster.economics import economics
+
+        self.cfg = c = _cfg(cfg)
+        self.server = None
+        if not c.dashboard.enabled:
+            return
+        token = None
+        if c.require_auth:
+            token = os.environ.get("MOEYARD_API_TOKEN") if c.dashboard.token_file is None else None
+            token = token or _read_token_file(c.dashboard_token_file())
+        client = None
+        if c.redis.enabled:
+            from cluster.redis_conn import connect
+
+            client = connect(c.redis)
+        try:
+            econ = await asyncio.to_thread(economics, c.model_dir())
+        except Exception as e:  # an odd checkpoint must not keep the dashboard down
+            log.warning("model economics unavailable: %s", e)
+            econ = None
+
+        def shard_status() -> list[dict]:
+            return shard_manager.status.remote().result(timeout_s=10)
+
+        source = DashboardSource(c.dashboard, client, c.redis.key_prefix, c.redis.window_s, shard_status,
+                                 c.model_dir().name, econ)
+        self.server = DashboardServer(source, token)
+        await self.server.start(c.dashboard.host, c.dashboard.port)
+
+    async def address(self) -> str | None:
+        return self.server.address if self.server is not None else None
+
+    async def check_health(self):
+        if self.cfg.dashboard.enabled and (self.server is None or self.server.runner is None):
+            raise RuntimeError("dashboard server not running")
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, health_check_period_s=2,
@@ -401,7 +504,7 @@ class Autoscaler:
 class ApiIngress:
     """The public gRPC API (moeyard.v1.Inference, health, reflection)."""
 
-    async def __init__(self, cfg: dict, replicas, shard_manager, autoscaler=None):
+    async def __init__(self, cfg: dict, replicas, shard_manager, autoscaler=None, dashboard=None):
         from attention.tokenizer import load_tokenizer
         from cluster.api_server import serve_api
         from cluster.serve_backend import ServeBackend
@@ -414,6 +517,7 @@ class ApiIngress:
             token = os.environ.get("MOEYARD_API_TOKEN") or _read_token(c)
         backend = ServeBackend(replicas, shard_manager, spec, c)
         self.autoscaler = autoscaler
+        self.dashboard = dashboard
         self.server = await serve_api(backend, load_tokenizer(c.model_dir()), host=c.api_host, port=c.api_port,
                                       auth_token=token, require_auth=c.require_auth,
                                       max_new_tokens_limit=c.engine.max_new_tokens_limit)
@@ -421,13 +525,20 @@ class ApiIngress:
     async def address(self) -> str:
         return self.server.address
 
+    async def dashboard_address(self) -> str | None:
+        """The dashboard's URL (``http://host:port/``), None when it is off."""
+        return await self.dashboard.address.remote() if self.dashboard is not None else None
+
     async def check_health(self):
         if self.server is None:
             raise RuntimeError("API server not running")
 
 
 def _read_token(cfg: ClusterConfig) -> str:
-    path = cfg.token_file()
+    return _read_token_file(cfg.token_file())
+
+
+def _read_token_file(path) -> str:
     try:
         token = path.read_text().strip()
     except OSError as e:
@@ -449,7 +560,8 @@ def build_app(cfg: ClusterConfig | dict):
         max_ongoing_requests=e.max_num_seqs + e.max_waiting + 8,
         ray_actor_options={"num_cpus": c.replica_num_cpus}).bind(d, shards)
     autoscaler = Autoscaler.bind(d, shards)
-    return ApiIngress.bind(d, replicas, shards, autoscaler)
+    dashboard = Dashboard.bind(d, shards)
+    return ApiIngress.bind(d, replicas, shards, autoscaler, dashboard)
 
 
 def app_builder(args: dict):

@@ -104,10 +104,15 @@ def read_published(client, prefix: str, component: str | None = None) -> list[Pu
     return sorted(out, key=lambda p: (p.component, p.source))
 
 
+SINGLETONS = frozenset({"autoscaler"})
+"""Components with one instance per cluster: their samples get no source label."""
+
+
 def merge_families(snapshots: Iterable[Published]) -> list[Metric]:
     """Families of every snapshot merged by name, each sample labelled with its source
-    (label name = the component, e.g. ``replica="host-123"``). Families whose type differs
-    from the first seen under the same name are dropped (a mixed-version cluster)."""
+    (label name = the component, e.g. ``replica="host-123"``; none for :data:`SINGLETONS`).
+    Families whose type differs from the first seen under the same name are dropped (a
+    mixed-version cluster)."""
     merged: dict[str, Metric] = {}
     for snap in snapshots:
         for fam in snap.families:
@@ -118,8 +123,9 @@ def merge_families(snapshots: Iterable[Published]) -> list[Metric]:
                     m = merged[name] = Metric(name, fam.get("documentation", ""), typ)
                 elif m.type != typ:
                     continue
+                source = {} if snap.component in SINGLETONS else {snap.component: snap.source}
                 for sample_name, labels, value in fam["samples"]:
-                    m.add_sample(sample_name, {snap.component: snap.source, **labels}, float(value))
+                    m.add_sample(sample_name, {**source, **labels}, float(value))
             except (KeyError, TypeError, ValueError):
                 continue
     return list(merged.values())
