@@ -172,8 +172,10 @@ class DashboardServer:
 
     async def api_state(self, request: web.Request) -> web.Response:
         state = await asyncio.to_thread(self.source.state, self._lookback(request))
-        return web.Response(text=json.dumps(asdict(state), allow_nan=False, default=_nan_safe),
+        resp = web.Response(text=json.dumps(asdict(state), allow_nan=False, default=_nan_safe),
                             content_type="application/json")
+        resp.enable_compression()  # L x E heatmaps of large models are megabytes of JSON
+        return resp
 
     async def api_panels(self, request: web.Request) -> web.Response:
         from cluster.dashboard.render import render_panels
@@ -183,7 +185,9 @@ class DashboardServer:
         def build():
             state = self.source.state(lookback)
             return {"time": state.time, "panels": render_panels(state)}
-        return web.json_response(await asyncio.to_thread(build))
+        resp = web.json_response(await asyncio.to_thread(build))
+        resp.enable_compression()
+        return resp
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, host: str, port: int) -> str:

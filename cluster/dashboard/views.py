@@ -10,8 +10,15 @@ import math
 
 import torch
 
-from cluster.dashboard.state import (EventView, HeatmapView, PlacementView, ReplicaHealth, ServingView,
-                                     ShardHealth, ShardSeries)
+from cluster.dashboard.state import (
+    EventView,
+    HeatmapView,
+    PlacementView,
+    ReplicaHealth,
+    ServingView,
+    ShardHealth,
+    ShardSeries,
+)
 from cluster.load_store import LoadWindows
 from cluster.telemetry import Published
 from router_service.placement import Placement

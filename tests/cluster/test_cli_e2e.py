@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -38,9 +41,18 @@ def test_up_generate_status_down(tmp_path):
     first = up.stdout.splitlines()[0]
     assert first.startswith("API 127.0.0.1:"), up.stdout
     addr = first.split()[1]
+    second = up.stdout.splitlines()[1]
+    assert re.fullmatch(r"Dashboard http://127\.0\.0\.1:\d+/", second), up.stdout
+    dashboard = second.split()[1]
     token_file = home / ".moeyard" / "token"
     assert token_file.stat().st_mode & 0o777 == 0o600
     try:
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(dashboard, timeout=10)
+        assert denied.value.code == 401
+        assert urllib.request.urlopen(dashboard + "metrics", timeout=10).status == 200
+        top = _run(["top", "--once"], env)  # URL from the state file, token from ~/.moeyard/token
+        assert top.returncode == 0 and "epoch" in top.stdout, top.stdout + top.stderr
         gen = _run(["generate", "--addr", addr, "--token-ids", "5,6,7,8", "--max-new-tokens", "6",
                     "--ignore-eos", "--json"], env)
         assert gen.returncode == 0, gen.stderr
