@@ -296,7 +296,8 @@ def status(as_json: bool) -> int:
         events = serve.get_deployment_handle("Autoscaler", APP_NAME).events.remote(10).result(timeout_s=30)
     except Exception as e:  # status reports what it can
         placement, events = None, [{"kind": "error", "reason": f"{type(e).__name__}: {e}"}]
-    report = {"api": state.api, "api_health": api_health, "ray_address": state.ray_address,
+    report = {"api": state.api, "api_health": api_health, "dashboard": state.dashboard,
+              "ray_address": state.ray_address,
               "redis": state.redis_url, "app_status": str(app.status.value if app else "MISSING"),
               "deployments": deployments, "placement_epoch": placement["epoch"] if placement else None,
               "shards": shards, "events": events}
@@ -309,6 +310,7 @@ def status(as_json: bool) -> int:
     con = Console()
     con.print(f"API {state.api} ({api_health}) · Ray {state.ray_address} · Redis {state.redis_url} · "
               f"app {report['app_status']} · placement epoch {report['placement_epoch']}")
+    con.print(f"Dashboard {state.dashboard or 'off'} (token: the API token) · `moeyard top` for the terminal view")
     t = Table("deployment", "status", "replicas")
     for name, d in deployments.items():
         t.add_row(name, d["status"], ", ".join(f"{k}: {v}" for k, v in d["replicas"].items()))
