@@ -69,18 +69,19 @@ def shard_series(w: LoadWindows, now: float, window_s: float, slots_per_shard: i
     W, L, _ = slots.shape
     per_shard = slots.view(W, L, n, slots_per_shard).sum(dim=3) / window_s  # [W', L, N]
     bal = balancedness(per_shard.reshape(W * L, n)).view(W, L)
-    complete = w.slot_complete[whole]
-    idle = per_shard.sum(dim=2) == 0                           # [W', L]
-    rate: list[list[list[float | None]]] = [[[] for _ in range(W)] for _ in range(L)]
-    bl: list[list[float | None]] = [[None] * W for _ in range(L)]
-    for i in range(W):
-        for layer in range(L):
-            ok = bool(complete[i])
-            rate[layer][i] = per_shard[i, layer].tolist() if ok else [None] * n
-            bl[layer][i] = float(bal[i, layer]) if ok and not bool(idle[i, layer]) else None
+    complete = w.slot_complete[whole].tolist()
+    shown = w.slot_complete[whole].unsqueeze(0) & (per_shard.sum(dim=2) != 0).T  # [L, W']: complete, not idle
+    # one tolist() per tensor, no per-(window, layer) tensor indexing: W' x L cells is 3480 at DeepSeek-V3 scale
+    rate: list[list[list[float | None]]] = per_shard.transpose(0, 1).tolist()      # [L][W'][N]
+    for i, ok in enumerate(complete):
+        if not ok:
+            for layer_rates in rate:
+                layer_rates[i] = [None] * n
+    bl: list[list[float | None]] = [[b if ok else None for b, ok in zip(bs, oks)]
+                                    for bs, oks in zip(bal.T.tolist(), shown.tolist())]
     mins = []
-    for i in range(W):
-        vals = [bl[layer][i] for layer in range(L) if bl[layer][i] is not None]
+    for column in zip(*bl) if L else [()] * W:
+        vals = [b for b in column if b is not None]
         mins.append(min(vals) if vals else None)
     return ShardSeries(w.starts[whole].tolist(), rate, bl, mins, n)
 
