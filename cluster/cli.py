@@ -203,6 +203,42 @@ def _generate_remote(args) -> int:
     return 0
 
 
+def _add_render_k8s(sub) -> None:
+    p = sub.add_parser("render-k8s", help="render the KubeRay RayService (and Redis, PodMonitor) for a config file")
+    p.add_argument("--config", type=Path, required=True, help="cluster config with a `kubernetes:` section")
+    p.add_argument("--out", type=Path, help="directory to write the manifests to (default: print them)")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 if the files in --out differ from what would be rendered")
+    p.set_defaults(func=cmd_render_k8s)
+
+
+def cmd_render_k8s(args) -> int:
+    from cluster.config import load_config
+    from cluster.k8s.render import render
+
+    cfg = load_config(args.config)
+    files = render(cfg, args.config.as_posix())
+    if args.out is None:
+        if args.check:
+            raise ValueError("--check needs --out")
+        for name, text in files.items():
+            print(f"# ---- {name}\n{text}", end="")
+        return 0
+    if args.check:
+        drift = [n for n, t in files.items() if not (args.out / n).is_file() or (args.out / n).read_text() != t]
+        extra = sorted(p.name for p in args.out.glob("*.yaml") if p.name not in files) if args.out.is_dir() else []
+        for n in drift:
+            print(f"drift: {args.out / n} differs from `moeyard render-k8s --config {args.config}`", file=sys.stderr)
+        for n in extra:
+            print(f"drift: {args.out / n} is not rendered from {args.config}", file=sys.stderr)
+        return 1 if drift or extra else 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (args.out / name).write_text(text)
+    print(f"wrote {', '.join(sorted(files))} to {args.out}")
+    return 0
+
+
 def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="plan an expert placement for a load matrix (no cluster needed)")
     p.add_argument("--load", type=Path, required=True,
@@ -291,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_cluster(sub)
     _add_plan(sub)
+    _add_render_k8s(sub)
     return parser
 
 

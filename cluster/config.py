@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cluster.autoscale_policy import AutoscalerSettings
 from cluster.dashboard.settings import DashboardSettings
+from cluster.k8s.settings import KubernetesSettings
 from cluster.redis_conn import RedisSettings
 
 MOEYARD_HOME = Path.home() / ".moeyard"
@@ -37,6 +38,17 @@ class EngineSettings(BaseModel):
     enable_prefix_caching: bool = True
 
 
+class RayResources(BaseModel):
+    """Custom Ray resources that pin each kind of process to its node group (on Kubernetes, every
+    group's pods advertise theirs: see ``cluster.k8s``). ``None`` = anywhere (one machine)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    control: str | None = Field(None, description="shard manager, autoscaler, dashboard, API ingress")
+    attention: str | None = Field(None, description="attention replicas")
+    experts: str | None = Field(None, description="expert shard actors")
+
+
 class ClusterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -50,6 +62,9 @@ class ClusterConfig(BaseModel):
         None, description="explicit phy2log [L, P]; default: experts dealt in order, copies in the redundant slots")
     shard_num_cpus: float = Field(1.0, gt=0)
     use_gpu: bool = False
+    shard_host: str = Field("127.0.0.1", description="bind address of the shards' gRPC servers; a wildcard "
+                                                     "(0.0.0.0) advertises the node's IP (multi-node clusters)")
+    ray_resources: RayResources = RayResources()
 
     attention_replicas: int = Field(2, ge=1)
     replica_num_cpus: float = Field(1.0, gt=0)
@@ -71,6 +86,8 @@ class ClusterConfig(BaseModel):
     autoscaler: AutoscalerSettings = AutoscalerSettings()
     dashboard: DashboardSettings = DashboardSettings()
     """The operator dashboard and ``/metrics`` (own port, loopback, behind the API token by default)."""
+    kubernetes: KubernetesSettings | None = None
+    """How ``moeyard render-k8s`` deploys this config on KubeRay (ignored by ``moeyard up``)."""
 
     @field_validator("placement")
     @classmethod

@@ -81,10 +81,11 @@ class ShardManager:
 
         c = self.cfg
         return create_shard_actor(
-            shard, str(c.model_dir()), self.placement.shard_slots(shard), dtype, host="127.0.0.1",
+            shard, str(c.model_dir()), self.placement.shard_slots(shard), dtype, host=c.shard_host,
             num_threads=c.torch_threads, num_cpus=c.shard_num_cpus, use_gpu=c.use_gpu,
             name=shard_actor_name(c, shard), namespace=c.namespace, detached=True,
-            redis=c.redis.model_dump(mode="json"), fingerprint=self.fingerprint)
+            redis=c.redis.model_dump(mode="json"), fingerprint=self.fingerprint,
+            resources=_pin(c.ray_resources.experts))
 
     def _recover_or_publish(self, initial):
         """The placement in Redis if it is for this deployment (a restarted manager, a redeploy
@@ -143,9 +144,10 @@ class ShardManager:
         await asyncio.to_thread(_kill_named, name, c.namespace)
         actor = create_shard_actor(
             shard_id, str(c.model_dir()), {int(k): v for k, v in assignments.items()},
-            _dtype_name(c, self.spec), host="127.0.0.1", num_threads=c.torch_threads, num_cpus=c.shard_num_cpus,
+            _dtype_name(c, self.spec), host=c.shard_host, num_threads=c.torch_threads, num_cpus=c.shard_num_cpus,
             use_gpu=c.use_gpu, name=name, namespace=c.namespace, detached=True,
-            redis=c.redis.model_dump(mode="json"), fingerprint=self.fingerprint)
+            redis=c.redis.model_dump(mode="json"), fingerprint=self.fingerprint,
+            resources=_pin(c.ray_resources.experts))
         await asyncio.wait_for(actor.ready.remote(), timeout=300)
         self.actors.append(actor)
         log.info("expert shard %d added", shard_id)
@@ -549,19 +551,32 @@ def _read_token_file(path) -> str:
     return token
 
 
+def _pin(resource: str | None) -> dict[str, float] | None:
+    """A token amount of a custom resource: enough to keep an actor on the nodes that have it."""
+    return {resource: 0.001} if resource else None
+
+
+def _actor_options(num_cpus: float, resource: str | None) -> dict:
+    opts: dict = {"num_cpus": num_cpus}
+    if resource:
+        opts["resources"] = _pin(resource)
+    return opts
+
+
 def build_app(cfg: ClusterConfig | dict):
     """The Serve application for ``cfg`` (``serve.run(build_app(cfg), name=APP_NAME)``)."""
     c = cfg if isinstance(cfg, ClusterConfig) else _cfg(cfg)
     d = c.model_dump(mode="json")
-    shards = ShardManager.bind(d)
+    control = _actor_options(0, c.ray_resources.control)  # 0 CPUs: the control plane never blocks scaling
+    shards = ShardManager.options(ray_actor_options=control).bind(d)
     e = c.engine
     replicas = AttentionReplica.options(
         num_replicas=c.attention_replicas,
         max_ongoing_requests=e.max_num_seqs + e.max_waiting + 8,
-        ray_actor_options={"num_cpus": c.replica_num_cpus}).bind(d, shards)
-    autoscaler = Autoscaler.bind(d, shards)
-    dashboard = Dashboard.bind(d, shards)
-    return ApiIngress.bind(d, replicas, shards, autoscaler, dashboard)
+        ray_actor_options=_actor_options(c.replica_num_cpus, c.ray_resources.attention)).bind(d, shards)
+    autoscaler = Autoscaler.options(ray_actor_options=control).bind(d, shards)
+    dashboard = Dashboard.options(ray_actor_options=control).bind(d, shards)
+    return ApiIngress.options(ray_actor_options=control).bind(d, replicas, shards, autoscaler, dashboard)
 
 
 def app_builder(args: dict):

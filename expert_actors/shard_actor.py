@@ -98,7 +98,7 @@ def create_shard_actor(shard_id: int, model_dir: str | Path, assignments: Mappin
                        num_cpus: float = 1.0, use_gpu: bool = False, name: str | None = None,
                        namespace: str | None = None, detached: bool = False, max_task_retries: int = -1,
                        runtime_env: dict | None = None, redis: dict | None = None,
-                       fingerprint: str | None = None):
+                       fingerprint: str | None = None, resources: dict[str, float] | None = None):
     """Start one :class:`ExpertShardActor`; returns its handle (``__init__`` runs asynchronously).
 
     Args:
@@ -109,6 +109,7 @@ def create_shard_actor(shard_id: int, model_dir: str | Path, assignments: Mappin
         detached: ``lifetime="detached"`` (outlives the driver; needs ``name`` to be found again).
         redis / fingerprint: the cluster's ``RedisSettings`` (as a dict) and placement
             fingerprint: a (re)started actor loads its part of the published placement.
+        resources: custom Ray resources to ask for (pins the actor to a node group).
         max_task_retries: retries of an actor method whose call was lost to a crash; every
             method is an idempotent read, so the default ``-1`` retries until the restarted
             actor answers (bound the wait with ``ray.get(..., timeout=...)``).
@@ -127,6 +128,8 @@ def create_shard_actor(shard_id: int, model_dir: str | Path, assignments: Mappin
         opts["lifetime"] = "detached"
     if runtime_env is not None:
         opts["runtime_env"] = runtime_env
+    if resources:
+        opts["resources"] = dict(resources)
     cls = ray.remote(ExpertShardActor)
     assignments = {int(k): [(int(s), int(e)) for s, e in v] for k, v in assignments.items()}
     return cls.options(**opts).remote(shard_id, str(model_dir), assignments, dtype, host, num_threads,
