@@ -117,8 +117,12 @@ def ray_serve():
 
     started = not ray.is_initialized()
     if started:
+        from cluster.k8s.render import ATTENTION_RESOURCE, CONTROL_RESOURCE, EXPERT_RESOURCE
+
+        # the custom resources the Kubernetes node groups advertise, so the rendered config runs here too
         ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=200 << 20)
+                 object_store_memory=200 << 20,
+                 resources={CONTROL_RESOURCE: 1000, ATTENTION_RESOURCE: 1000, EXPERT_RESOURCE: 1000})
     serve.start(proxy_location="Disabled")
     yield ray
     serve.shutdown()
