@@ -217,7 +217,11 @@ def cmd_render_k8s(args) -> int:
     from cluster.k8s.render import render
 
     cfg = load_config(args.config)
-    files = render(cfg, args.config.as_posix())
+    try:  # the header names the config as the repository sees it, however it was typed
+        source = args.config.resolve().relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        source = args.config.as_posix()
+    files = render(cfg, source)
     if args.out is None:
         if args.check:
             raise ValueError("--check needs --out")

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 _NAME = r"^[a-z0-9]([-a-z0-9]{0,40}[a-z0-9])?$"
+_SERVICE_NAME = r"^[a-z]([-a-z0-9]{0,40}[a-z0-9])?$"  # a Service name starts with a letter
 _QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$"
 
 
@@ -34,8 +35,15 @@ class WorkerGroup(BaseModel):
     ray_cpus: int = Field(2, ge=0, description="rayStartParams num-cpus (logical CPUs Ray schedules on)")
     size: PodSize = PodSize()
     node_selector: dict[str, str] = {}
-    tolerations: list[dict[str, str]] = []
+    tolerations: list[dict[str, str | int]] = []
     """Kubernetes tolerations as plain objects (e.g. ``{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}``)."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "WorkerGroup":
+        if not self.min_replicas <= self.replicas <= self.max_replicas:
+            raise ValueError(f"need min_replicas <= replicas <= max_replicas, got {self.min_replicas}, "
+                             f"{self.replicas}, {self.max_replicas}")
+        return self
 
 
 class RedisDeployment(BaseModel):
@@ -52,7 +60,7 @@ class RedisDeployment(BaseModel):
 class KubernetesSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field("moeyard", pattern=_NAME, description="RayService name; prefixes every object")
+    name: str = Field("moeyard", pattern=_SERVICE_NAME, description="RayService name; prefixes every object")
     namespace: str = Field("moeyard", pattern=_NAME)
     profile: Literal["cpu", "gpu"] = "cpu"
     image: str = "moeyard:0.1.0-cpu"

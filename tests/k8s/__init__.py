@@ -1,0 +1,1 @@
+"""Kubernetes manifests: rendering, offline validation, overlays."""
