@@ -63,6 +63,9 @@ class EngineConfig:
     overlap: bool = False
     """Split each step into two micro-batches so attention of one overlaps the
     other's expert round trip (useful with a remote transport)."""
+    expert_restart_wait_s: float = 0.0
+    """With a remote transport: how long a step waits for a dead shard to come back when
+    some expert it held has no other copy (0: fail the requests routed to it at once)."""
 
 
 def build_local_experts(model_dir: str | Path, spec: ModelSpec, placement: Placement, dtype: torch.dtype,
@@ -109,7 +112,8 @@ class LLMEngine:
             self.placement.validate(spec.moe.num_experts)
             if transport is None:
                 transport = build_local_experts(model_dir, spec, self.placement, self.dtype)
-            router = MoERouter(gate_cfg, gates, ExpertDispatcher(self.placement, transport))
+            dispatcher = ExpertDispatcher(self.placement, transport, restart_wait_s=config.expert_restart_wait_s)
+            router = MoERouter(gate_cfg, gates, dispatcher)
         self.router = router
         self.runner = ModelRunner(spec, weights, self.cache, router, self.dtype, self.max_model_len)
         self.tokenizer: TextTokenizer | None = load_tokenizer(model_dir)

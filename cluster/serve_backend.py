@@ -4,13 +4,17 @@ replicas through a Serve handle (streaming)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import AsyncIterator
+
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from attention.async_engine import EngineFailed, QueueFull
 from attention.sequence import RequestError, RequestOutput, SamplingParams
 from cluster.config import ClusterConfig
 from cluster.spec import ModelSpec
 
+log = logging.getLogger("moeyard.serve")
 _ERRORS = {"invalid_argument": RequestError, "resource_exhausted": QueueFull, "unavailable": EngineFailed}
 
 
@@ -30,6 +34,12 @@ class ServeBackend:
                     raise _ERRORS.get(item["error"], EngineFailed)(item["message"])
                 yield RequestOutput(request_id, item["token_ids"], item["finished"], item["finish_reason"],
                                     item["prompt_tokens"], item["completion_tokens"])
+        except (RayActorError, ActorUnavailableError) as e:
+            # the attention replica serving this request died (Serve replaces it): UNAVAILABLE for
+            # this request only; the client may retry it, other replicas' requests go on
+            log.warning("request %s: its attention replica is gone (%s)", request_id, type(e).__name__)
+            raise EngineFailed(f"the attention replica serving this request failed ({type(e).__name__}); "
+                               "retry the request") from None
         finally:
             gen.cancel()
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from router_service.placement import Placement
+from router_service.placement import ExpertsUnavailable, Placement
 from router_service.transport import ExpertTransport, ShardBatch, ShardUnavailable, StalePlacement
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,12 @@ class ExpertDispatcher:
 
     A shard that fails (:class:`ShardUnavailable`) is marked down for
     ``down_seconds``; the layer is re-planned on the remaining copies and sent
-    again. Only when an expert has no reachable copy does the layer fail, with
-    :class:`ExpertsUnavailable`. A shard that no longer holds the copy asked for
+    again. When an expert has no reachable copy, the dispatcher waits up to
+    ``restart_wait_s`` for its shard to come back (Ray restarts a dead shard
+    actor, which reloads its slots from the published placement), probing every
+    ``0.25``-``1`` s; only past that bound does the layer fail, with
+    :class:`ExpertsUnavailable` (the engine then fails just the requests routed
+    to the missing experts). A shard that no longer holds the copy asked for
     (:class:`StalePlacement`) first makes the dispatcher ask ``on_stale`` for a
     newer placement; only if there is none is the shard treated as down.
 
@@ -120,11 +124,15 @@ class ExpertDispatcher:
     """
 
     def __init__(self, placement: Placement, transport: ExpertTransport, max_retries: int = 3,
-                 down_seconds: float = 2.0, recorder=None, on_stale: Callable[[], Placement | None] | None = None):
+                 down_seconds: float = 2.0, recorder=None, on_stale: Callable[[], Placement | None] | None = None,
+                 restart_wait_s: float = 0.0, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
         self.placement = placement
         self.transport = transport
         self.max_retries = max_retries
         self.down_seconds = down_seconds
+        self.restart_wait_s = restart_wait_s
+        self._clock, self._sleep = clock, sleep
         self.recorder = recorder
         self.on_stale = on_stale
         self._down: dict[int, float] = {}  # shard -> monotonic time it was marked down
@@ -135,7 +143,7 @@ class ExpertDispatcher:
     def _live_placement(self) -> Placement:
         if not self._down:
             return self.placement
-        now = time.monotonic()
+        now = self._clock()
         for shard, since in list(self._down.items()):
             if now - since > self.down_seconds:
                 del self._down[shard]
@@ -200,28 +208,60 @@ class ExpertDispatcher:
         """Wait for a submitted layer and combine: ``[T, D]``."""
         if p.future is None:
             return torch.zeros_like(p.hidden)
-        for attempt in range(self.max_retries + 1):
+        attempt = 0
+        waiting_since: float | None = None  # set while no copy of some expert is reachable
+        while True:
             try:
-                return combine(p.plan, p.future.result(), p.weights, p.hidden.dtype)
+                out = combine(p.plan, p.future.result(), p.weights, p.hidden.dtype)
+                if waiting_since is not None:
+                    log.warning("MoE layer %d: every expert reachable again after %.1f s", p.moe_layer,
+                                self._clock() - waiting_since)
+                return out
             except ShardUnavailable as e:
-                if attempt == self.max_retries:
+                attempt += 1
+                if attempt > self.max_retries and waiting_since is None:
                     raise
-                newer = self.on_stale() if isinstance(e, StalePlacement) and self.on_stale else None
-                if newer is not None:
-                    log.info("shard %d: %s; re-planning MoE layer %d on placement epoch %d",
-                             e.shard, e.message, p.moe_layer, newer.epoch)
-                    self.set_placement(newer)
-                else:
-                    log.warning("shard %d unavailable (%s); retrying MoE layer %d on other copies",
-                                e.shard, e, p.moe_layer)
-                    self._down[e.shard] = time.monotonic()
-                    refresh = getattr(self.transport, "refresh", None)
-                    if refresh is not None:
-                        refresh(e.shard)
+                self._note_failure(e, p.moe_layer, quiet=waiting_since is not None)
                 placement = self._live_placement()
-                p.plan, batches = plan_dispatch(p.hidden, p.ids, placement, p.moe_layer)
+                try:
+                    p.plan, batches = plan_dispatch(p.hidden, p.ids, placement, p.moe_layer)
+                except ExpertsUnavailable:
+                    now = self._clock()
+                    if waiting_since is None:
+                        waiting_since = now
+                        log.warning("MoE layer %d: no reachable copy of some experts (shard %d down); waiting up "
+                                    "to %.0f s for it to restart", p.moe_layer, e.shard, self.restart_wait_s)
+                    if now - waiting_since >= self.restart_wait_s:
+                        raise
+                    self._sleep(min(1.0, 0.25 * 2 ** min(attempt, 2), waiting_since + self.restart_wait_s - now))
+                    placement = self._probe_all()
+                    p.plan, batches = plan_dispatch(p.hidden, p.ids, placement, p.moe_layer)
                 p.future = self.transport.submit(p.moe_layer, batches, placement.epoch)
-        raise AssertionError("unreachable")
+
+    def _note_failure(self, e: ShardUnavailable, moe_layer: int, quiet: bool) -> None:
+        """A stale placement: adopt the newer one if there is; else mark the shard down."""
+        newer = self.on_stale() if isinstance(e, StalePlacement) and self.on_stale else None
+        if newer is not None:
+            log.info("shard %d: %s; re-planning MoE layer %d on placement epoch %d",
+                     e.shard, e.message, moe_layer, newer.epoch)
+            self.set_placement(newer)
+            return
+        if not quiet:
+            log.warning("shard %d unavailable (%s); retrying MoE layer %d on other copies", e.shard, e, moe_layer)
+        self._down[e.shard] = self._clock()
+        refresh = getattr(self.transport, "refresh", None)
+        if refresh is not None:
+            refresh(e.shard)
+
+    def _probe_all(self) -> Placement:
+        """Forget which shards are down (and their addresses: a restarted shard listens on a new
+        port), so the next attempt tries every shard of the placement again."""
+        refresh = getattr(self.transport, "refresh", None)
+        for shard in list(self._down):
+            if refresh is not None:
+                refresh(shard)
+        self._down.clear()
+        return self.placement
 
     def __call__(self, moe_layer: int, hidden: torch.Tensor, weights: torch.Tensor,
                  ids: torch.Tensor) -> torch.Tensor:

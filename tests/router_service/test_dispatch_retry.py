@@ -112,3 +112,48 @@ def test_lost_expert_fails_only_the_requests_routed_to_it(hf_models):
     assert "no reachable copy" in errors.get("A", "")
     assert "B" not in errors
     assert outs["B"] == expected_b
+
+
+class FakeClock:
+    """``clock`` and ``sleep`` for the dispatcher: sleeping advances time; ``revive`` runs at a time."""
+
+    def __init__(self):
+        self.t = 0.0
+        self.events: list[tuple[float, object]] = []
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, dt: float) -> None:
+        self.t += dt
+        for when, fn in [e for e in self.events if e[0] <= self.t]:
+            self.events.remove((when, fn))
+            fn()
+
+
+def test_waits_for_a_restarted_shard_when_no_copy_is_left(hf_models):
+    # no copies: shard 1 holds experts 4-7 alone; it "restarts" 3 s after the first failure
+    phy2log = [[0, 1, 2, 3, 4, 5, 6, 7]] * 2
+    placement, inner, x, ids, w = _setup(hf_models, phy2log, 2)
+    expected = ExpertDispatcher(placement, inner)(0, x, w, ids)
+    flaky, clock = FlakyTransport(inner, dead={1}), FakeClock()
+    clock.events.append((3.0, lambda: flaky.dead.clear()))
+    d = ExpertDispatcher(placement, flaky, restart_wait_s=30, clock=clock, sleep=clock.sleep)
+    got = d(0, x, w, ids)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert 3.0 <= clock.t < 5.0                       # it waited for the restart, probing about every second
+    assert set(flaky.refreshed) == {1}                # and asked for the shard's new address
+    assert not d._down                                # the shard is in use again
+    torch.testing.assert_close(d(0, x, w, ids), expected, rtol=0, atol=1e-6)
+
+
+def test_gives_up_after_the_restart_bound(hf_models):
+    phy2log = [[0, 1, 2, 3, 4, 5, 6, 7]] * 2
+    placement, inner, x, ids, w = _setup(hf_models, phy2log, 2)
+    flaky, clock = FlakyTransport(inner, dead={1}), FakeClock()  # never comes back
+    d = ExpertDispatcher(placement, flaky, restart_wait_s=5, clock=clock, sleep=clock.sleep)
+    with pytest.raises(ExpertsUnavailable) as e:
+        d(0, x, w, ids)
+    assert 5.0 <= clock.t < 6.5
+    # only the tokens routed to shard 1's experts (4-7) are named
+    assert sorted(e.value.rows) == [r for r in range(40) if bool((ids[r] >= 4).any())]
