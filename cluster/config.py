@@ -62,6 +62,8 @@ class ClusterConfig(BaseModel):
         None, description="explicit phy2log [L, P]; default: experts dealt in order, copies in the redundant slots")
     shard_num_cpus: float = Field(1.0, gt=0)
     use_gpu: bool = False
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="on `moeyard down` or a redeploy, requests in flight get this long to finish")
     shard_restart_wait_s: float = Field(
         30.0, ge=0, description="a step waits this long for a dead shard to restart when an expert it held has "
                                 "no other copy; past it, only the requests routed to that expert fail (UNAVAILABLE)")

@@ -236,6 +236,20 @@ def stop_ray() -> None:
                        timeout=120, check=False)
 
 
+def _drain_timeout() -> float:
+    """The running app's ``drain_timeout_s`` (its deployed config), else the default."""
+    from ray import serve
+
+    from cluster.config import ClusterConfig
+    from cluster.serve_app import APP_NAME
+
+    try:
+        cfg = serve.get_app_handle(APP_NAME).config.remote().result(timeout_s=30)
+        return float(cfg["drain_timeout_s"])
+    except Exception:
+        return ClusterConfig().drain_timeout_s
+
+
 def down() -> int:
     state = load_state()
     if state is None:
@@ -248,7 +262,13 @@ def down() -> int:
 
     try:
         _connect(state.ray_address, state.namespace)
-        serve.delete(APP_NAME)  # drains replicas (graceful_shutdown_timeout_s)
+        drain_s = _drain_timeout()
+        try:  # the API refuses new calls and lets the running ones finish (bounded)
+            print(f"draining requests in flight (up to {drain_s:.0f} s) ...", file=sys.stderr, flush=True)
+            serve.get_app_handle(APP_NAME).drain.remote(drain_s).result(timeout_s=drain_s + 30)
+        except Exception as e:  # no app, or its ingress is gone: nothing to drain
+            print(f"warning: could not drain the API ({type(e).__name__})", file=sys.stderr)
+        serve.delete(APP_NAME)  # replicas finish what they hold (graceful_shutdown_timeout_s), then shards go
         for actor in ray.util.list_named_actors(all_namespaces=True):
             if actor["namespace"] == state.namespace and actor["name"].startswith(f"{state.namespace}-shard-"):
                 ray.kill(ray.get_actor(actor["name"], namespace=state.namespace), no_restart=True)

@@ -52,6 +52,7 @@ class ShardManager:
 
         self.cfg = _cfg(cfg)
         self.spec = load_spec(self.cfg.model_dir())
+        self.owner_id = f"{replica_id()}-{time.time_ns()}"
         self.actors = []
         self.placement = None
         self.fingerprint = None
@@ -73,6 +74,8 @@ class ShardManager:
                 actor = self._create_shard(shard, dtype)
             self.actors.append(actor)
         await asyncio.wait_for(asyncio.gather(*[a.ready.remote() for a in self.actors]), timeout=300)
+        if self.redis is not None:  # the shards are ours now (a manager of an earlier deploy leaves them be)
+            await asyncio.to_thread(self.redis.set, owner_key(self.cfg.redis.key_prefix), self.owner_id)
         log.info("%d expert shards ready (placement epoch %d%s)", len(self.actors), placement.epoch,
                  ", recovered from Redis" if recovered else "")
 
@@ -105,13 +108,28 @@ class ShardManager:
         write_placement(self.redis, prefix, placement, self.fingerprint)
         return placement, False
 
-    def __del__(self):
-        # graceful shutdown of the app (serve.delete, redeploy): the shards go with it
-        for actor in getattr(self, "actors", []):
+    async def __del__(self):
+        """Graceful shutdown (``serve.delete``, a redeploy): once the attention replicas have drained
+        (bounded by ``drain_timeout_s``), the shards go with the app, unless a newer manager has
+        adopted them (a redeploy with the same placement fingerprint reuses the live shards)."""
+        actors = getattr(self, "actors", [])
+        if not actors:
+            return
+        if self.redis is not None:
+            try:
+                owner = await asyncio.to_thread(self.redis.get, owner_key(self.cfg.redis.key_prefix))
+                if owner is not None and owner.decode() != self.owner_id:
+                    log.info("expert shards adopted by a newer shard manager: leaving them running")
+                    return
+                await asyncio.to_thread(wait_replicas_drained, self.redis, self.cfg.redis.key_prefix,
+                                        self.cfg.drain_timeout_s)
+            except Exception as e:  # Redis gone: nothing to wait on
+                log.warning("could not check the replicas' drain (%s)", type(e).__name__)
+        for actor in actors:
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:
-                pass
+                log.debug("shard actor already gone")
 
     async def placement_info(self) -> dict | None:
         """The placement in force (Redis's when there is one: the autoscaler moves it)."""
@@ -175,6 +193,28 @@ class ShardManager:
                 st = {"shard_id": shard, "healthy": False, "error": f"{type(e).__name__}: {e}"}
             out.append(st)
         return out
+
+
+def owner_key(prefix: str) -> str:
+    """Redis key naming the shard manager that owns the live shard actors."""
+    return f"{prefix}:shards:owner"
+
+
+def wait_replicas_drained(client, prefix: str, timeout_s: float, poll_s: float = 0.2) -> bool:
+    """Wait until no attention replica reports a running or waiting request (their telemetry
+    in Redis; a replica that stopped has removed its key). Returns False at the timeout."""
+    from cluster.telemetry import read_published
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        busy = [p.source for p in read_published(client, prefix, "replica")
+                if p.summary.get("running", 0) or p.summary.get("waiting", 0)]
+        if not busy:
+            return True
+        if time.monotonic() >= deadline:
+            log.warning("replicas %s still busy after %.0f s: stopping the shards anyway", busy, timeout_s)
+            return False
+        time.sleep(poll_s)
 
 
 def _live_actor(name: str, namespace: str):
@@ -528,6 +568,20 @@ class ApiIngress:
     async def address(self) -> str:
         return self.server.address
 
+    async def config(self) -> dict:
+        """The cluster config this app runs with (secrets are file paths, never values)."""
+        return self.cfg.model_dump(mode="json")
+
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Refuse new calls (health NOT_SERVING) and let running ones finish, for at most
+        ``timeout_s`` (default ``drain_timeout_s``); then stop the API server."""
+        if self.server is not None:
+            await self.server.stop(grace=self.cfg.drain_timeout_s if timeout_s is None else timeout_s)
+
+    async def __del__(self):
+        # graceful shutdown (serve.delete, a redeploy): streams in flight finish first
+        await self.drain()
+
     async def dashboard_address(self) -> str | None:
         """The dashboard's URL (``http://host:port/``), None when it is off."""
         return await self.dashboard.address.remote() if self.dashboard is not None else None
@@ -569,15 +623,17 @@ def build_app(cfg: ClusterConfig | dict):
     c = cfg if isinstance(cfg, ClusterConfig) else _cfg(cfg)
     d = c.model_dump(mode="json")
     control = _actor_options(0, c.ray_resources.control)  # 0 CPUs: the control plane never blocks scaling
-    shards = ShardManager.options(ray_actor_options=control).bind(d)
+    shards = ShardManager.options(ray_actor_options=control, graceful_shutdown_timeout_s=c.drain_timeout_s + 20).bind(d)
     e = c.engine
     replicas = AttentionReplica.options(
         num_replicas=c.attention_replicas,
         max_ongoing_requests=e.max_num_seqs + e.max_waiting + 8,
-        ray_actor_options=_actor_options(c.replica_num_cpus, c.ray_resources.attention)).bind(d, shards)
+        ray_actor_options=_actor_options(c.replica_num_cpus, c.ray_resources.attention),
+        graceful_shutdown_timeout_s=c.drain_timeout_s + 10).bind(d, shards)
     autoscaler = Autoscaler.options(ray_actor_options=control).bind(d, shards)
     dashboard = Dashboard.options(ray_actor_options=control).bind(d, shards)
-    return ApiIngress.options(ray_actor_options=control).bind(d, replicas, shards, autoscaler, dashboard)
+    ingress = ApiIngress.options(ray_actor_options=control, graceful_shutdown_timeout_s=c.drain_timeout_s + 10)
+    return ingress.bind(d, replicas, shards, autoscaler, dashboard)
 
 
 def app_builder(args: dict):
