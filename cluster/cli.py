@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import logging
 import sys
@@ -45,6 +46,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="compute dtype (default: the checkpoint's torch_dtype)")
     p.add_argument("--token", help="API token for --addr (else MOEYARD_API_TOKEN, else ~/.moeyard/token)")
+    p.add_argument("--tls-ca", metavar="FILE", default=os.environ.get("MOEYARD_TLS_CA"),
+                   help="PEM CA to verify a TLS API with (else MOEYARD_TLS_CA; unset: plaintext)")
     p.add_argument("--timeout", type=float, default=None, help="deadline of the --addr call in seconds")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=cmd_generate)
@@ -182,7 +185,8 @@ def _generate_remote(args) -> int:
     prompt = args.prompt if args.prompt is not None else args.token_ids
     result = GenerateResult()
     try:
-        with MoeyardClient(args.addr, token=args.token, timeout=args.timeout) as client:
+        ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+        with MoeyardClient(args.addr, token=args.token, timeout=args.timeout, tls_root_certs=ca) as client:
             for chunk in client.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                          top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
                                          stop_token_ids=args.stop_token_ids, ignore_eos=args.ignore_eos):

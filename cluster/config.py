@@ -19,6 +19,7 @@ from cluster.autoscale_policy import AutoscalerSettings
 from cluster.dashboard.settings import DashboardSettings
 from cluster.k8s.settings import KubernetesSettings
 from cluster.redis_conn import RedisSettings
+from cluster.tls import TLSSettings
 
 MOEYARD_HOME = Path.home() / ".moeyard"
 DEMO_MODEL_DIR = MOEYARD_HOME / "models" / "demo-mixtral"
@@ -85,6 +86,9 @@ class ClusterConfig(BaseModel):
     require_auth: bool = True
     api_token_file: str | None = Field(None, description="file holding the API token; default ~/.moeyard/token")
 
+    tls: TLSSettings = TLSSettings()
+    """PEM files: TLS for the public API and mutual TLS between routers and shards (unset: plaintext,
+    for loopback; set them whenever anything binds beyond it)."""
     redis: RedisSettings = RedisSettings()
     """Load statistics, the placement and autoscaler events; ``moeyard up`` fills ``url`` with its own
     ``redis-server`` unless ``--redis URL`` is given. Without a URL: static placement, no autoscaler."""

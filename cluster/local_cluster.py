@@ -49,6 +49,8 @@ class ClusterState:
     """The redis-server ``up`` started (``LocalRedisInfo``), stopped by ``down``."""
     dashboard: str | None = None
     """Dashboard URL (``http://host:port/``)"""
+    tls_ca_file: str | None = None
+    """CA to verify the API's TLS certificate with (None: plaintext API)."""
 
 
 def ray_env() -> None:
@@ -148,16 +150,20 @@ def deploy(cfg: ClusterConfig, ray_address: str, timeout_s: float = 300) -> tupl
     serve.run(build_app(cfg), name=APP_NAME, route_prefix=None, blocking=False)
     ingress = serve.get_app_handle(APP_NAME)
     addr = ingress.address.remote().result(timeout_s=timeout_s)
-    wait_healthy(addr, timeout_s)
+    wait_healthy(addr, timeout_s, cfg.tls.ca_file if cfg.tls.api_enabled else None)
     return addr, ingress.dashboard_address.remote().result(timeout_s=60)
 
 
-def wait_healthy(addr: str, timeout_s: float) -> None:
+def wait_healthy(addr: str, timeout_s: float, tls_ca_file: str | None = None) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(addr) as ch:
+    if tls_ca_file is not None:
+        channel = grpc.secure_channel(addr, grpc.ssl_channel_credentials(Path(tls_ca_file).read_bytes()))
+    else:
+        channel = grpc.insecure_channel(addr)
+    with channel as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while True:
             try:
@@ -213,7 +219,8 @@ def up(cfg: ClusterConfig, address: str | None, detach: bool) -> int:
         raise
     save_state(ClusterState(ray_address, started, api, cfg.namespace, str(cfg.model_dir()), os.getpid(),
                             cfg.redis.redacted_url(), cfg.redis.key_prefix,
-                            local_redis.to_dict() if local_redis else None, dashboard))
+                            local_redis.to_dict() if local_redis else None, dashboard,
+                            cfg.tls.ca_file if cfg.tls.api_enabled else None))
     print(f"API {api}", flush=True)
     print(f"Dashboard {dashboard or 'off'}", flush=True)
     if cfg.require_auth:
@@ -306,7 +313,7 @@ def status(as_json: bool) -> int:
                           "replicas": dict(d.replica_states)}
                    for name, d in (app.deployments.items() if app else [])}
     try:
-        wait_healthy(state.api, 5)
+        wait_healthy(state.api, 5, state.tls_ca_file)
         api_health = "SERVING"
     except TimeoutError:
         api_health = "NOT_SERVING"

@@ -88,7 +88,7 @@ class ShardManager:
             num_threads=c.torch_threads, num_cpus=c.shard_num_cpus, use_gpu=c.use_gpu,
             name=shard_actor_name(c, shard), namespace=c.namespace, detached=True,
             redis=c.redis.model_dump(mode="json"), fingerprint=self.fingerprint,
-            resources=_pin(c.ray_resources.experts))
+            resources=_pin(c.ray_resources.experts), tls=c.tls.model_dump(mode="json"))
 
     def _recover_or_publish(self, initial):
         """The placement in Redis if it is for this deployment (a restarted manager, a redeploy
@@ -165,7 +165,7 @@ class ShardManager:
             _dtype_name(c, self.spec), host=c.shard_host, num_threads=c.torch_threads, num_cpus=c.shard_num_cpus,
             use_gpu=c.use_gpu, name=name, namespace=c.namespace, detached=True,
             redis=c.redis.model_dump(mode="json"), fingerprint=self.fingerprint,
-            resources=_pin(c.ray_resources.experts))
+            resources=_pin(c.ray_resources.experts), tls=c.tls.model_dump(mode="json"))
         await asyncio.wait_for(actor.ready.remote(), timeout=300)
         self.actors.append(actor)
         log.info("expert shard %d added", shard_id)
@@ -277,7 +277,7 @@ class AttentionReplica:
                 addr = known.pop(shard, None)  # first use: the address we were given; later: ask the actor
                 return addr or resolve(shard)
 
-            self.transport = GrpcTransport(address, wire_dtype=wire)
+            self.transport = GrpcTransport(address, wire_dtype=wire, **_internal_tls(c))
         e = c.engine
         engine = LLMEngine(c.model_dir(), EngineConfig(
             dtype=c.dtype, block_size=e.block_size, kv_cache_bytes=e.kv_cache_mib << 20, max_num_seqs=e.max_num_seqs,
@@ -448,7 +448,7 @@ class Autoscaler:
         prefix = c.redis.key_prefix
         L, P = len(info["phy2log"]), len(info["phy2log"][0])
         E = max(max(r) for r in info["phy2log"]) + 1
-        self.transport = GrpcTransport(_resolver(c))
+        self.transport = GrpcTransport(_resolver(c), **_internal_tls(c))
         half_life = c.autoscaler.half_life_windows
 
         def load_reader(since_s: float) -> LoadView:
@@ -561,8 +561,11 @@ class ApiIngress:
         backend = ServeBackend(replicas, shard_manager, spec, c)
         self.autoscaler = autoscaler
         self.dashboard = dashboard
+        from cluster.tls import api_server_credentials
+
         self.server = await serve_api(backend, load_tokenizer(c.model_dir()), host=c.api_host, port=c.api_port,
                                       auth_token=token, require_auth=c.require_auth,
+                                      server_credentials=api_server_credentials(c.tls),
                                       max_new_tokens_limit=c.engine.max_new_tokens_limit)
 
     async def address(self) -> str:
@@ -604,6 +607,16 @@ def _read_token_file(path) -> str:
     if not token:
         raise RuntimeError(f"API token file {path} is empty")
     return token
+
+
+def _internal_tls(cfg: ClusterConfig) -> dict:
+    """GrpcTransport keyword arguments for mutual TLS towards the shards (empty: plaintext)."""
+    from cluster.tls import router_channel_credentials, router_channel_options
+
+    if not cfg.tls.internal_enabled:
+        return {}
+    return {"channel_credentials": router_channel_credentials(cfg.tls),
+            "channel_options": router_channel_options(cfg.tls)}
 
 
 def _pin(resource: str | None) -> dict[str, float] | None:

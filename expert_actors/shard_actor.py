@@ -30,7 +30,8 @@ class ExpertShardActor:
 
     def __init__(self, shard_id: int, model_dir: str, assignments: Mapping[int, Iterable[tuple[int, int]]],
                  dtype: str = "float32", host: str = "127.0.0.1", num_threads: int | None = None,
-                 port: int = 0, redis: dict | None = None, fingerprint: str | None = None):
+                 port: int = 0, redis: dict | None = None, fingerprint: str | None = None,
+                 tls: dict | None = None):
         import torch
 
         from expert_actors.server import ExpertServer
@@ -43,7 +44,8 @@ class ExpertShardActor:
             assignments = _published_assignments(shard_id, redis, fingerprint) or assignments
         self.server = ExpertServer(shard_id, None, model_dir, dtype,
                                    {int(k): [(int(s), int(e)) for s, e in v] for k, v in assignments.items()},
-                                   host=host, port=port, num_threads=num_threads)
+                                   host=host, port=port, num_threads=num_threads,
+                                   server_credentials=_credentials(tls))
 
     def ready(self) -> bool:
         """True once the server listens with its slots loaded (``__init__`` has returned)."""
@@ -68,6 +70,15 @@ class ExpertShardActor:
         server = getattr(self, "server", None)
         if server is not None:
             server.stop(0)
+
+
+def _credentials(tls: dict | None):
+    """Mutual-TLS server credentials from a ``TLSSettings`` dict (``None``: plaintext)."""
+    if not tls:
+        return None
+    from cluster.tls import TLSSettings, shard_server_credentials
+
+    return shard_server_credentials(TLSSettings.model_validate(tls))
 
 
 def _published_assignments(shard_id: int, redis: dict, fingerprint: str) -> dict | None:
@@ -98,7 +109,8 @@ def create_shard_actor(shard_id: int, model_dir: str | Path, assignments: Mappin
                        num_cpus: float = 1.0, use_gpu: bool = False, name: str | None = None,
                        namespace: str | None = None, detached: bool = False, max_task_retries: int = -1,
                        runtime_env: dict | None = None, redis: dict | None = None,
-                       fingerprint: str | None = None, resources: dict[str, float] | None = None):
+                       fingerprint: str | None = None, resources: dict[str, float] | None = None,
+                       tls: dict | None = None):
     """Start one :class:`ExpertShardActor`; returns its handle (``__init__`` runs asynchronously).
 
     Args:
@@ -110,6 +122,7 @@ def create_shard_actor(shard_id: int, model_dir: str | Path, assignments: Mappin
         redis / fingerprint: the cluster's ``RedisSettings`` (as a dict) and placement
             fingerprint: a (re)started actor loads its part of the published placement.
         resources: custom Ray resources to ask for (pins the actor to a node group).
+        tls: ``cluster.tls.TLSSettings`` as a dict: mutual TLS on the shard's server when enabled.
         max_task_retries: retries of an actor method whose call was lost to a crash; every
             method is an idempotent read, so the default ``-1`` retries until the restarted
             actor answers (bound the wait with ``ray.get(..., timeout=...)``).
@@ -133,4 +146,4 @@ def create_shard_actor(shard_id: int, model_dir: str | Path, assignments: Mappin
     cls = ray.remote(ExpertShardActor)
     assignments = {int(k): [(int(s), int(e)) for s, e in v] for k, v in assignments.items()}
     return cls.options(**opts).remote(shard_id, str(model_dir), assignments, dtype, host, num_threads,
-                                      0, redis, fingerprint)
+                                      0, redis, fingerprint, tls)

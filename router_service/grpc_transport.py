@@ -85,18 +85,19 @@ class GrpcTransport:
             module docstring for the precision of ``torch.bfloat16``.
         timeout_s: deadline of each call.
         channel_credentials: ``grpc.ChannelCredentials`` for TLS (``None``: insecure).
+        channel_options: extra gRPC channel options (e.g. the TLS target name override).
     """
 
     def __init__(self, addresses: Mapping[int, str] | Callable[[int], str], wire_dtype: torch.dtype | None = None,
                  timeout_s: float = 30.0, channel_credentials=None, *,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, channel_options: list[tuple[str, str]] | None = None):
         if wire_dtype is not None:
             dtype_name(wire_dtype)  # ValueError for a dtype the wire cannot carry
         self._addresses = addresses
         self.wire_dtype = wire_dtype
         self.timeout_s = timeout_s
         self._credentials = channel_credentials
-        self._options = grpc_options(max_message_bytes)
+        self._options = grpc_options(max_message_bytes) + list(channel_options or [])
         self._lock = threading.Lock()
         self._resolved: dict[int, str] = {}
         self._channels: dict[int, tuple[grpc.Channel, pb_grpc.ExpertServiceStub]] = {}
