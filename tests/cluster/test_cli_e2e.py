@@ -78,6 +78,16 @@ def test_up_generate_status_down(tmp_path):
         token = token_file.read_text().strip()
         for text in (up.stdout, up.stderr, gen.stdout, gen.stderr, status.stdout):
             assert token not in text
+        # no token or password in any log of the run (Ray's session logs: every actor and replica; ours)
+        urllib.request.urlopen(dashboard + f"?token={token}", timeout=10).read()  # a token in a query string
+        secrets = {"API token": token, "Redis password": Path(redis_info.password_file).read_text().strip()}
+        logs = [f for d in (Path("/tmp/ray/session_latest/logs"), home / ".moeyard" / "logs") if d.is_dir()
+                for f in d.rglob("*") if f.is_file()]
+        assert len(logs) > 10, logs
+        for f in logs:
+            data = f.read_bytes()
+            for what, secret in secrets.items():
+                assert secret.encode() not in data, f"the {what} is in {f}"
     finally:
         down = _run(["down"], env)
         assert down.returncode == 0, down.stderr
