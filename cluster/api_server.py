@@ -16,10 +16,23 @@ Production habits:
   and reflection services stay open so probes and ``grpcurl list`` work; the
   token is never logged or echoed;
 * errors map to status codes with messages that name the problem:
-  ``RequestError`` -> INVALID_ARGUMENT, ``QueueFull`` -> RESOURCE_EXHAUSTED,
+  ``RequestError`` -> INVALID_ARGUMENT (so is a request that is not a valid
+  protobuf message: grpcio would answer UNKNOWN), ``QueueFull`` -> RESOURCE_EXHAUSTED,
   ``EngineFailed`` -> UNAVAILABLE, anything unexpected -> INTERNAL (the server
   keeps serving); a cancelled call or an expired deadline closes the backend's
-  stream, which aborts the engine request and frees its KV blocks.
+  stream, which aborts the engine request and frees its KV blocks;
+* hostile input is refused cheaply before it reaches the engine: with the
+  model's vocabulary size and context length (read once from the backend's
+  ``model_info`` at start) a prompt over the context is refused without
+  copying or scanning its ids, a text prompt that cannot fit the context is
+  refused without tokenizing it, and ``stop_token_ids`` must be real token ids
+  (at most :data:`MAX_STOP_TOKEN_IDS`). Sampling values the sampler cannot
+  represent are mapped to what they mean: a temperature in
+  ``(0, MIN_TEMPERATURE)`` is greedy (the limit of sampling as the temperature
+  goes to 0; dividing fp32 logits by it gives inf/NaN, which failed the whole
+  engine step), and ``top_p`` is raised to :data:`MIN_TOP_P` (a nucleus of
+  the top token either way; a ``top_p`` that rounds to 0 in fp32 kept no token).
+  Unknown fields are ignored (protobuf's forward compatibility).
 
 ``grpc.health.v1.Health`` (SERVING for ``""`` and ``moeyard.v1.Inference``) and
 server reflection are registered too, so ``grpcurl -plaintext HOST:PORT list``
@@ -40,6 +53,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -59,7 +73,13 @@ DEFAULT_MAX_NEW_TOKENS_LIMIT = 4096
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 1024
 MAX_REQUEST_ID_CHARS = 128
+MIN_TEMPERATURE = 1e-5
+"""A temperature in (0, MIN_TEMPERATURE) samples greedily (what sampling tends to as it goes to 0)."""
+MIN_TOP_P = 1e-9
+"""Smaller top_p values are raised to this (both keep only the top token; fp32 rounds tiny ones to 0)."""
+MODEL_LIMITS_TIMEOUT_S = 10.0
 
 # Services reachable without a token: probes and `grpcurl list/describe`.
 _OPEN_METHOD_PREFIXES = (
@@ -137,6 +157,48 @@ class _InvalidRequest(Exception):
     """The request is malformed; the message names the field."""
 
 
+class _MalformedMessage:
+    """Stands in for a request whose bytes do not parse (see :func:`_tolerant_deserializer`)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _tolerant_deserializer(message_cls):
+    """``message_cls.FromString`` that returns a :class:`_MalformedMessage` instead of raising,
+    so the method answers INVALID_ARGUMENT (grpcio answers UNKNOWN when a deserializer raises)."""
+    name = message_cls.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except DecodeError as e:
+            return _MalformedMessage(f"the request is not a valid {name} message: {e}")
+    return deserialize
+
+
+@dataclass(frozen=True)
+class _ModelLimits:
+    """What the pre-checks know of the model (``None``: unknown, the engine checks alone)."""
+
+    vocab_size: int | None = None
+    max_model_len: int | None = None
+    max_text_chars: int | None = None
+    """Longer text prompts cannot fit the context: no token covers more characters than the
+    longest string in the vocabulary."""
+
+
+def _max_token_chars(tokenizer: TextTokenizer | None) -> int | None:
+    get_vocab = getattr(getattr(tokenizer, "tok", None), "get_vocab", None)
+    if get_vocab is None:
+        return None
+    try:
+        return max(map(len, get_vocab()), default=None)
+    except Exception:  # an exotic tokenizer: no text pre-check
+        log.debug("cannot read the tokenizer's vocabulary", exc_info=True)
+        return None
+
+
 class _TextStream:
     """Text deltas of a growing output, cut at the first stop string.
 
@@ -201,7 +263,24 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.backend = backend
         self.tokenizer = tokenizer
         self.max_new_tokens_limit = max_new_tokens_limit
+        self.limits = _ModelLimits()
         self._in_flight: set[str] = set()
+
+    async def load_limits(self, timeout: float = MODEL_LIMITS_TIMEOUT_S) -> _ModelLimits:
+        """Read the model's vocabulary size and context length from the backend (once, at start).
+
+        On failure the pre-checks stay off (the engine still refuses what it cannot serve)."""
+        try:
+            info = await asyncio.wait_for(self.backend.model_info(), timeout)
+        except Exception as e:
+            log.warning("model_info failed (%s: %s): requests are not pre-checked against the model's "
+                        "limits", type(e).__name__, e)
+            return self.limits
+        vocab = int(info.get("vocab_size") or 0) or None
+        max_len = int(info.get("max_model_len") or 0) or None
+        per_token = _max_token_chars(self.tokenizer)
+        self.limits = _ModelLimits(vocab, max_len, max_len * per_token if max_len and per_token else None)
+        return self.limits
 
     # -- request -> engine inputs -----------------------------------------------------
     def _params(self, req: pb.GenerateRequest) -> SamplingParams:
@@ -214,9 +293,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         temperature = _finite("temperature", req.temperature) if req.HasField("temperature") else 0.0
         if temperature < 0:
             raise _InvalidRequest(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if temperature < MIN_TEMPERATURE:
+            temperature = 0.0
         top_p = _finite("top_p", req.top_p) if req.HasField("top_p") else 1.0
         if not 0 < top_p <= 1:
             raise _InvalidRequest(f"top_p must be in (0, 1], got {top_p}")
+        top_p = max(top_p, MIN_TOP_P)
         if req.top_k < 0:
             raise _InvalidRequest(f"top_k must be >= 0 (0 disables it), got {req.top_k}")
         stops = tuple(req.stop)
@@ -230,6 +312,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 raise _InvalidRequest("stop strings must not be empty")
             if any(len(s) > MAX_STOP_STRING_CHARS for s in stops):
                 raise _InvalidRequest(f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters")
+        if len(req.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise _InvalidRequest(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(req.stop_token_ids)}")
+        vocab = self.limits.vocab_size
+        bad = [t for t in req.stop_token_ids if t < 0 or (vocab is not None and t >= vocab)]
+        if bad:
+            raise _InvalidRequest(f"stop_token_ids: token id {bad[0]} out of range "
+                                  f"[0, {vocab if vocab is not None else 'vocab size'})")
         params = SamplingParams(max_tokens=max_new, temperature=temperature, top_p=top_p, top_k=req.top_k,
                                 seed=req.seed if req.HasField("seed") else None,
                                 stop_token_ids=tuple(req.stop_token_ids), stop=stops,
@@ -241,13 +330,22 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         which = req.WhichOneof("prompt")
         if which is None:
             raise _InvalidRequest("prompt is missing: set text or token_ids")
+        max_len = self.limits.max_model_len
         if which == "text":
             if self.tokenizer is None:
                 raise _InvalidRequest("this model has no tokenizer: send token_ids")
             if not req.text:
                 raise _InvalidRequest("prompt is empty: text is an empty string")
+            max_chars = self.limits.max_text_chars
+            if max_chars is not None and len(req.text) > max_chars:  # would tokenize for seconds to be refused
+                raise _InvalidRequest(f"text prompt has {len(req.text)} characters; it cannot fit the maximum "
+                                      f"context of {max_len} tokens")
             ids = self.tokenizer.encode(req.text)
         else:
+            n = len(req.token_ids.ids)
+            if max_len is not None and n >= max_len:  # the engine's check, without copying a huge list
+                raise _InvalidRequest(f"prompt has {n} tokens; the maximum context is {max_len} tokens "
+                                      "(prompt plus at least one new token)")
             ids = list(req.token_ids.ids)
         if not ids:
             raise _InvalidRequest("prompt is empty: token_ids has no ids")
@@ -255,6 +353,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     # -- RPCs ---------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        if isinstance(request, _MalformedMessage):
+            await _abort(context, uuid.uuid4().hex, grpc.StatusCode.INVALID_ARGUMENT, request.message)
         rid = request.request_id or uuid.uuid4().hex
         if not _valid_request_id(rid):
             await _abort(context, uuid.uuid4().hex, grpc.StatusCode.INVALID_ARGUMENT,
@@ -329,6 +429,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext):
         rid = uuid.uuid4().hex
+        if isinstance(request, _MalformedMessage):
+            await _abort(context, rid, grpc.StatusCode.INVALID_ARGUMENT, request.message)
         context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
         try:
             info = dict(await self.backend.model_info())
@@ -343,6 +445,22 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             log.exception("request %s: model_info failed", rid)
             await _abort(context, rid, grpc.StatusCode.INTERNAL,
                          f"internal error ({type(e).__name__}); see the server log for request {rid}")
+
+
+def add_inference_servicer(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """``add_InferenceServicer_to_server`` with deserializers that never raise: a request that is
+    not a valid protobuf message (corrupt bytes, a string that is not UTF-8) is INVALID_ARGUMENT."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate, request_deserializer=_tolerant_deserializer(pb.GenerateRequest),
+            response_serializer=pb.GenerateResponse.SerializeToString),
+        "ModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.ModelInfo, request_deserializer=_tolerant_deserializer(pb.ModelInfoRequest),
+            response_serializer=pb.ModelInfoResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    if hasattr(server, "add_registered_method_handlers"):
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 # -- auth -----------------------------------------------------------------------------
@@ -444,7 +562,8 @@ class ApiServer:
                    ("grpc.so_reuseport", 0)]
         server = grpc.aio.server(interceptors=interceptors, options=options,
                                  maximum_concurrent_rpcs=self.max_concurrent_rpcs)
-        pb_grpc.add_InferenceServicer_to_server(self.servicer, server)
+        await self.servicer.load_limits()
+        add_inference_servicer(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
         bind = _format_addr(self.host, self.port)

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cluster.checkpoint import CheckpointError, CheckpointReader
@@ -160,7 +161,7 @@ class ExpertServer:
         self._server = grpc.server(ThreadPoolExecutor(max_workers=max_workers,
                                                       thread_name_prefix=f"expert-shard-{shard_id}"),
                                    options=grpc_options(max_message_bytes))
-        pb_grpc.add_ExpertServiceServicer_to_server(_Servicer(self), self._server)
+        _add_servicer(_Servicer(self), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         bind = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
         if server_credentials is not None:
@@ -257,6 +258,9 @@ class ExpertServer:
                 raise RequestError(bad, f"logical expert {wrong[0]} out of range [0, {num_experts})")
         if any(c < 0 for c in counts):
             raise RequestError(bad, f"counts must be non-negative, got {counts}")
+        negative = [s for s in slot_ids if s < 0]
+        if negative:  # malformed, not a stale placement (NOT_FOUND would send the router refreshing it)
+            raise RequestError(bad, f"slot id {negative[0]} is negative")
         d = self.spec.hidden_size
         if x.dim() != 2 or x.shape[1] != d:
             raise RequestError(bad, f"hidden must have shape [N, {d}], got {list(x.shape)}")
@@ -391,6 +395,8 @@ class _Servicer(pb_grpc.ExpertServiceServicer):
 
     def Compute(self, request, context):
         def run():
+            if not request.HasField("hidden"):
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "hidden is missing")
             x = tensor_from_proto(request.hidden)
             out, dt = self.s.compute(request.moe_layer, list(request.slot_ids), list(request.counts), x,
                                      request.epoch, list(request.experts))
@@ -427,6 +433,46 @@ class _Servicer(pb_grpc.ExpertServiceServicer):
                 resp.layers.add(moe_layer=layer, slot_ids=[s for s, _ in pairs], experts=[e for _, e in pairs])
             return resp
         return self._run(context, "Status", run)
+
+
+class _Malformed:
+    """Stands in for a request whose bytes do not parse."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _tolerant_deserializer(message_cls):
+    name = message_cls.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except DecodeError as e:
+            return _Malformed(f"the request is not a valid {name} message: {e}")
+    return deserialize
+
+
+def _refusing_malformed(method):
+    def call(request, context):
+        if isinstance(request, _Malformed):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return method(request, context)
+    return call
+
+
+def _add_servicer(servicer: _Servicer, server: grpc.Server) -> None:
+    """``add_ExpertServiceServicer_to_server``, except that a request that does not parse is
+    INVALID_ARGUMENT (grpcio answers INTERNAL "Exception deserializing request!")."""
+    handlers = {}
+    for m in pb.DESCRIPTOR.services_by_name["ExpertService"].methods:
+        handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+            _refusing_malformed(getattr(servicer, m.name)),
+            request_deserializer=_tolerant_deserializer(getattr(pb, m.input_type.name)),
+            response_serializer=getattr(pb, m.output_type.name).SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    if hasattr(server, "add_registered_method_handlers"):
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def status_to_dict(resp: pb.StatusResponse) -> dict:

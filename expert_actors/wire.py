@@ -86,7 +86,10 @@ def tensor_from_bytes(dtype: str, shape: Sequence[int], data: bytes, copy: bool 
         raise ValueError(f"tensor of shape {shape} and dtype {dtype} needs {numel * itemsize} bytes, "
                          f"got {len(data)}")
     if numel == 0:
-        return torch.empty(shape, dtype=dt)
+        try:
+            return torch.empty(shape, dtype=dt)
+        except RuntimeError as e:  # e.g. [2**62, 2**62, 0]: torch's size arithmetic overflows
+            raise ValueError(f"tensor shape {shape} is too large: {e}") from None
     t = torch.frombuffer(data, dtype=dt).view(shape)
     return t.clone() if copy else t
 
