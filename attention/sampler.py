@@ -27,17 +27,26 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     return torch.full_like(logits, float("-inf")).scatter(1, sorted_idx, sorted_logits)
 
 
+MIN_TEMPERATURE = 1e-5
+MIN_TOP_P = 1e-7
+
+
 def sample(logits: torch.Tensor, seqs: Seq[Sequence]) -> list[int]:
     """Pick the next token of each sequence from ``logits [B, V]`` (fp32)."""
     out = torch.argmax(logits, dim=-1)
     rand = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if rand:
         rows = torch.tensor(rand)
+        # a temperature or top_p that rounds to 0 in fp32 would turn the row into NaN: the limits
+        # (greedy, top token only) are what such values mean
         temps = torch.tensor([seqs[i].params.temperature for i in rand], dtype=torch.float32)
+        temps = temps.clamp_min(MIN_TEMPERATURE)
         top_k = torch.tensor([seqs[i].params.top_k for i in rand], dtype=torch.int64)
-        top_p = torch.tensor([seqs[i].params.top_p for i in rand], dtype=torch.float32)
+        top_p = torch.tensor([seqs[i].params.top_p for i in rand], dtype=torch.float32).clamp_min(MIN_TOP_P)
         scaled = _filter_top_k_top_p(logits[rows] / temps.unsqueeze(1), top_k, top_p)
         probs = torch.softmax(scaled, dim=-1)
+        ok = torch.isfinite(probs).all(dim=1) & (probs.sum(dim=1) > 0)
         for j, i in enumerate(rand):
-            out[i] = torch.multinomial(probs[j], 1, generator=seqs[i].generator)[0]
+            if bool(ok[j]):  # else (non-finite logits): the argmax, rather than failing the whole step
+                out[i] = torch.multinomial(probs[j], 1, generator=seqs[i].generator)[0]
     return out.tolist()

@@ -40,6 +40,21 @@ def test_tiny_top_p_is_greedy():
         assert got == logits.argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("params", [dict(temperature=1e-300), dict(temperature=5e-324),
+                                    dict(temperature=1.0, top_p=1e-300), dict(temperature=1e-300, top_p=1e-300)])
+def test_values_that_round_to_zero_in_fp32_mean_their_limit(params):
+    # temperature -> 0 is greedy; top_p -> 0 keeps the top token; neither may turn a row into NaN
+    logits = _logits(4, 30, seed=3)
+    assert sample(logits, _seqs(4, seed=1, **params)) == logits.argmax(-1).tolist()
+
+
+def test_non_finite_logits_fall_back_to_argmax_for_that_row_only():
+    logits = _logits(3, 20, seed=4)
+    logits[1, 5] = float("nan")
+    got = sample(logits, _seqs(3, temperature=1.0, top_k=1, seed=2))
+    assert got[0] == logits[0].argmax().item() and got[2] == logits[2].argmax().item()
+
+
 def test_greedy_rows_unaffected_by_sampled_rows():
     logits = _logits(4, 30, seed=3)
     seqs = _seqs(4)
