@@ -56,6 +56,7 @@ class AsyncEngine:
         self._wake = threading.Condition(self._inbox_lock)
         self._adds: list[_Add] = []
         self._aborts: list[str] = []
+        self._adding = 0
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -84,6 +85,7 @@ class AsyncEngine:
                     return
                 adds, self._adds = self._adds, []
                 aborts, self._aborts = self._aborts, []
+                self._adding = len(adds)  # still counted by admission until the scheduler holds them
             outputs: list[RequestOutput] = []
             with self._engine_lock:
                 for rid in aborts:
@@ -93,6 +95,8 @@ class AsyncEngine:
                         self.engine.add_request(a.request_id, a.prompt, a.params)
                     except RequestError as e:
                         outputs.append(RequestOutput(a.request_id, [], True, "error", error=str(e)))
+                with self._inbox_lock:
+                    self._adding = 0
                 try:
                     outputs.extend(self.engine.step())
                 except Exception as e:  # keep serving: fail this step's requests, not the engine
@@ -119,7 +123,7 @@ class AsyncEngine:
         with self._wake:
             if request_id in self._streams:
                 raise RequestError(f"duplicate request id {request_id!r}")
-            if len(self.engine.scheduler.waiting) + len(self._adds) >= self.max_waiting:
+            if len(self.engine.scheduler.waiting) + len(self._adds) + self._adding >= self.max_waiting:
                 raise QueueFull(f"server is at capacity ({self.max_waiting} requests waiting); try again later")
             self._streams[request_id] = (loop, queue)
             self._adds.append(_Add(request_id, list(prompt_token_ids), params))

@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
 
 from attention.async_engine import EngineFailed, QueueFull
 from attention.sequence import RequestError, RequestOutput, SamplingParams
@@ -24,16 +25,37 @@ class ServeBackend:
         self.shard_manager = shard_manager
         self.spec = spec
         self.cfg = cfg
+        e = cfg.engine
+        self.capacity = cfg.attention_replicas * (e.max_num_seqs + e.max_waiting)
+        """Requests the replicas can hold (running + their admission queues): past it the API refuses
+        at once instead of letting requests queue in front of the replicas only to be refused there."""
+        self.in_flight = 0
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        if self.in_flight >= self.capacity:
+            raise QueueFull(f"server is at capacity ({self.capacity} requests in flight); try again later")
+        self.in_flight += 1
+        try:
+            async for out in self._stream(request_id, prompt_token_ids, params):
+                yield out
+        finally:
+            self.in_flight -= 1
+
+    async def _stream(self, request_id: str, prompt_token_ids: list[int],
+                      params: SamplingParams) -> AsyncIterator[RequestOutput]:
         gen = self.replicas.generate.remote(request_id, list(prompt_token_ids), dataclasses.asdict(params))
+        assigned = True
         try:
             async for item in gen:
                 if "error" in item:
                     raise _ERRORS.get(item["error"], EngineFailed)(item["message"])
                 yield RequestOutput(request_id, item["token_ids"], item["finished"], item["finish_reason"],
                                     item["prompt_tokens"], item["completion_tokens"])
+        except BackPressureError:
+            assigned = False  # never reached a replica: nothing to cancel
+            raise QueueFull("server is at capacity (every attention replica's queue is full); "
+                            "try again later") from None
         except (RayActorError, ActorUnavailableError) as e:
             # the attention replica serving this request died (Serve replaces it): UNAVAILABLE for
             # this request only; the client may retry it, other replicas' requests go on
@@ -41,7 +63,11 @@ class ServeBackend:
             raise EngineFailed(f"the attention replica serving this request failed ({type(e).__name__}); "
                                "retry the request") from None
         finally:
-            gen.cancel()
+            if assigned:
+                try:
+                    gen.cancel()
+                except Exception:  # the replica is gone or the call never started: nothing to stop
+                    log.debug("request %s: cancel after the stream ended", request_id)
 
     async def model_info(self) -> dict:
         total, active = self.spec.total_and_active_params()
