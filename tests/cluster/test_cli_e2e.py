@@ -78,6 +78,16 @@ def test_up_generate_status_down(tmp_path):
         token = token_file.read_text().strip()
         for text in (up.stdout, up.stderr, gen.stdout, gen.stderr, status.stdout):
             assert token not in text
+        # Ray's token authentication is on: a process without the token cannot join the cluster
+        stranger = tmp_path / "stranger"
+        stranger.mkdir()
+        env2 = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+        env2["HOME"] = str(stranger)
+        join = subprocess.run([sys.executable, "-c", "import ray; ray.init(address=%r, log_to_driver=False); "
+                               "print('joined')" % state["ray_address"]], env=env2, capture_output=True,
+                              text=True, timeout=180)
+        assert join.returncode != 0 and "joined" not in join.stdout, join.stdout + join.stderr[-2000:]
+        assert re.search(r"auth|token", join.stderr, re.I), join.stderr[-2000:]
         # no token or password in any log of the run (Ray's session logs: every actor and replica; ours)
         urllib.request.urlopen(dashboard + f"?token={token}", timeout=10).read()  # a token in a query string
         secrets = {"API token": token, "Redis password": Path(redis_info.password_file).read_text().strip()}
