@@ -10,7 +10,12 @@ from safetensors import safe_open
 
 from cluster.checkpoint import CheckpointReader
 from cluster.spec import load_spec
-from expert_actors.expert_compute import grouped_swiglu, swiglu
+from expert_actors.expert_compute import (
+    bucket_rows,
+    grouped_swiglu,
+    swiglu,
+    uses_row_buckets,
+)
 from expert_actors.slots import ExpertSlots
 
 
@@ -92,6 +97,40 @@ def test_grouped_swiglu_all_empty_and_bad_arguments():
         grouped_swiglu(torch.zeros(3, D), [1, 2], w13, w2, slot_index=[0])
     with pytest.raises(ValueError, match="sum"):
         grouped_swiglu(torch.zeros(3, D), [1, 1], w13, w2)
+
+
+def test_bucket_rows_bounds_the_matmul_shapes():
+    assert [bucket_rows(n) for n in range(1, 17)] == list(range(1, 17))  # decode-sized segments run exact
+    for n in range(1, 5000):
+        m = bucket_rows(n)
+        assert n <= m <= n * 1.125 and bucket_rows(m) == m
+    assert len({bucket_rows(n) for n in range(1, 2049)}) == 72  # whatever the traffic, at most 72 shapes
+
+
+def _exact_segments(x, counts, w13, w2, slot_index):
+    """Each segment at its own row count, as grouped_swiglu ran before row buckets."""
+    out, start, inter = torch.empty_like(x), 0, w2.shape[-1]
+    for seg, n in enumerate(counts):
+        h = x[start:start + n] @ w13[slot_index[seg]].t()
+        out[start:start + n] = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]) @ w2[slot_index[seg]].t()
+        start += n
+    return out
+
+
+def test_grouped_swiglu_bf16_row_buckets_change_no_output():
+    w13, w2 = _weights(4, D, I, seed=8)
+    w13b, w2b = w13.bfloat16(), w2.bfloat16()
+    # 17 -> 18 rows (reads 1 row of the next segment), 40 exact, 23 -> 24 past the end (zero-padded)
+    counts, slot_index = [17, 1, 0, 40, 23], [0, 1, 2, 3, 0]
+    x = torch.randn(sum(counts), D, generator=torch.Generator().manual_seed(9)).bfloat16()
+    x[17] = float("nan")  # a non-finite row in the next segment must not leak into the one before it
+    assert uses_row_buckets(x) and not uses_row_buckets(x.float())
+    out = grouped_swiglu(x, counts, w13b, w2b, slot_index)
+    assert out.shape == x.shape and out.dtype == torch.bfloat16
+    assert torch.isfinite(out[:17]).all() and torch.isnan(out[17]).all()
+    want = _exact_segments(x, counts, w13b, w2b, slot_index)
+    torch.testing.assert_close(out[:17], want[:17], atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out[18:], want[18:], atol=1e-2, rtol=1e-2)
 
 
 def test_dense_swiglu_matches_reference():
