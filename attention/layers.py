@@ -15,6 +15,7 @@ from attention.kv_cache import KVCache
 from attention.rope import RotaryEmbedding, yarn_mscale
 from attention.weights import GQAWeights, MLAWeights
 from cluster.spec import ModelSpec
+from expert_actors.expert_compute import linear_rows
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -101,9 +102,9 @@ def gqa_attention(x: torch.Tensor, w: GQAWeights, spec: ModelSpec, layer: int, c
     """Grouped-query attention: ``x [T, D]`` -> ``[T, D]``; writes K/V of new tokens."""
     t = x.shape[0]
     h, kv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    q = F.linear(x, w.q, w.q_bias)
-    k = F.linear(x, w.k, w.k_bias)
-    v = F.linear(x, w.v, w.v_bias)
+    q = linear_rows(x, w.q, w.q_bias)
+    k = linear_rows(x, w.k, w.k_bias)
+    v = linear_rows(x, w.v, w.v_bias)
     if spec.qk_norm == "full":
         q = rms_norm(q, w.q_norm, spec.rms_norm_eps)
         k = rms_norm(k, w.k_norm, spec.rms_norm_eps)
@@ -120,7 +121,7 @@ def gqa_attention(x: torch.Tensor, w: GQAWeights, spec: ModelSpec, layer: int, c
     kc[meta.slot_mapping] = k
     vc[meta.slot_mapping] = v
     out = _attend(q, kc[meta.cache_slots], vc[meta.cache_slots], meta, hd ** -0.5)
-    return F.linear(out, w.o, w.o_bias)
+    return linear_rows(out, w.o, w.o_bias)
 
 
 def mla_softmax_scale(spec: ModelSpec) -> float:
@@ -143,12 +144,12 @@ def mla_attention(x: torch.Tensor, w: MLAWeights, spec: ModelSpec, layer: int, c
     m = spec.mla
     t, h = x.shape[0], spec.num_heads
     if w.q_proj is not None:
-        q = F.linear(x, w.q_proj)
+        q = linear_rows(x, w.q_proj)
     else:
-        q = F.linear(rms_norm(F.linear(x, w.q_a, w.q_a_bias), w.q_a_norm, spec.rms_norm_eps), w.q_b)
+        q = linear_rows(rms_norm(linear_rows(x, w.q_a, w.q_a_bias), w.q_a_norm, spec.rms_norm_eps), w.q_b)
     q = q.view(t, h, m.qk_head_dim)
     q_nope, q_pe = q.split([m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)
-    ckv = F.linear(x, w.kv_a, w.kv_a_bias)
+    ckv = linear_rows(x, w.kv_a, w.kv_a_bias)
     c, k_pe = ckv.split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
     c = rms_norm(c, w.kv_a_norm, spec.rms_norm_eps)
     q_pe = rope.apply(q_pe, meta.positions)
@@ -157,8 +158,8 @@ def mla_attention(x: torch.Tensor, w: MLAWeights, spec: ModelSpec, layer: int, c
     lat[meta.slot_mapping] = torch.cat([c, k_pe], dim=-1)
     ctx = lat[meta.cache_slots]                                   # [B, C, r + rope]
     b, cl = ctx.shape[:2]
-    kv = F.linear(ctx[..., :m.kv_lora_rank], w.kv_b).view(b, cl, h, m.qk_nope_head_dim + m.v_head_dim)
+    kv = linear_rows(ctx[..., :m.kv_lora_rank], w.kv_b).view(b, cl, h, m.qk_nope_head_dim + m.v_head_dim)
     k_nope, v = kv.split([m.qk_nope_head_dim, m.v_head_dim], dim=-1)
     k = torch.cat([k_nope, ctx[..., m.kv_lora_rank:].unsqueeze(2).expand(b, cl, h, m.qk_rope_head_dim)], dim=-1)
     out = _attend(torch.cat([q_nope, q_pe], dim=-1), k, v, meta, mla_softmax_scale(spec))
-    return F.linear(out, w.o, w.o_bias)
+    return linear_rows(out, w.o, w.o_bias)

@@ -4,14 +4,13 @@ shared experts and the LM head; routed experts go through the router."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from attention.kv_cache import KVCache
 from attention.layers import AttnMeta, gqa_attention, mla_attention, rms_norm
 from attention.rope import RotaryEmbedding
 from attention.weights import AttentionModelWeights, FFNWeights
 from cluster.spec import ModelSpec
-from expert_actors.expert_compute import swiglu
+from expert_actors.expert_compute import linear_rows, swiglu
 from router_service.moe_router import MoERouter
 from router_service.placement import ExpertsUnavailable
 
@@ -49,7 +48,7 @@ class ModelRunner:
         if lw.moe.shared is not None:  # computed while the routed experts are away
             shared = _mlp(x, lw.moe.shared)
             if lw.moe.shared_gate is not None:
-                shared = torch.sigmoid(F.linear(x, lw.moe.shared_gate)) * shared
+                shared = torch.sigmoid(linear_rows(x, lw.moe.shared_gate)) * shared
         out = self.router.finish(started)
         return out if shared is None else out + shared
 
@@ -60,7 +59,7 @@ class ModelRunner:
 
     def _logits(self, h: torch.Tensor, sample_rows: torch.Tensor) -> torch.Tensor:
         h = rms_norm(h[sample_rows], self.w.final_norm, self.spec.rms_norm_eps)
-        return F.linear(h, self.w.lm_head).float()
+        return linear_rows(h, self.w.lm_head).float()
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttnMeta, sample_rows: torch.Tensor) -> torch.Tensor:

@@ -87,6 +87,17 @@ def uses_row_buckets(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
 
 
+def linear_rows(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` over ``x [T, K]`` run at :func:`bucket_rows` ``(T)`` rows where that matters (bf16 on
+    CPU, see the module docstring): the token count of an engine step varies from step to step, and
+    each new count would compile (and keep) another oneDNN kernel. Returns ``[T, N]``."""
+    t = x.shape[0]
+    if x.dim() != 2 or not uses_row_buckets(x) or bucket_rows(t) == t:
+        return F.linear(x, w, b)
+    padded = torch.cat([x, x.new_zeros(bucket_rows(t) - t, x.shape[1])])
+    return F.linear(padded, w, b)[:t]
+
+
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """Dense SwiGLU MLP: ``x [T, D]``, ``gate/up [I, D]``, ``down [D, I]`` -> ``[T, D]``."""
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    return linear_rows(F.silu(linear_rows(x, gate)) * linear_rows(x, up), down)
