@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cluster.placement_store import Event
+
 
 @dataclass
 class PlacementView:
@@ -58,21 +60,10 @@ class ShardSeries:
 
 
 @dataclass
-class EventView:
-    """One autoscaler event (``cluster.placement_store.Event``) and its measured effect."""
+class EventView(Event):
+    """One autoscaler event (:class:`cluster.placement_store.Event`: its ``balancedness_*`` are the
+    planner's predictions) and its measured effect."""
 
-    kind: str
-    """``rebalance`` | ``scale_up`` | ``scale_down`` (``*_failed``) | ``skip`` | ``reconcile`` | ``republish``."""
-    reason: str
-    time: float
-    epoch_before: int | None = None
-    epoch_after: int | None = None
-    balancedness_before: float | None = None
-    """Predicted by the planner from the smoothed load."""
-    balancedness_after: float | None = None
-    duration_s: float | None = None
-    slots_moved: int | None = None
-    bytes_loaded: int | None = None
     measured_before: float | None = None
     """Mean min-over-layers balancedness of the load windows in the minute before the event, if any."""
     measured_after: float | None = None
