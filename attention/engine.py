@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from attention.block_manager import BlockManager
 from attention.kv_cache import KVCache, bytes_per_block
 from attention.layers import AttnMeta
 from attention.model_runner import ModelRunner
+from attention.overlap import OverlapMode, OverlapTuner, OverlapTunerConfig
 from attention.sampler import sample
 from attention.scheduler import SchedulerConfig, Scheduler
 from attention.sequence import RequestError, RequestOutput, SamplingParams, Sequence
@@ -61,8 +63,11 @@ class EngineConfig:
     capacity_factor: float | None = None
     num_threads: int | None = None
     overlap: bool = False
-    """Split each step into two micro-batches so attention of one overlaps the
+    """Split steps into two micro-batches so attention of one overlaps the
     other's expert round trip (useful with a remote transport)."""
+    overlap_mode: OverlapMode = "adaptive"
+    """With ``overlap``: ``adaptive`` splits a step only where measured splits ran faster
+    (:mod:`attention.overlap`); ``always`` splits every step of two sequences or more."""
     expert_restart_wait_s: float = 0.0
     """With a remote transport: how long a step waits for a dead shard to come back when
     some expert it held has no other copy (0: fail the requests routed to it at once)."""
@@ -116,6 +121,7 @@ class LLMEngine:
             router = MoERouter(gate_cfg, gates, dispatcher)
         self.router = router
         self.runner = ModelRunner(spec, weights, self.cache, router, self.dtype, self.max_model_len)
+        self.overlap_tuner = OverlapTuner(OverlapTunerConfig(config.overlap_mode)) if config.overlap else None
         self.tokenizer: TextTokenizer | None = load_tokenizer(model_dir)
         self._seqs: dict[str, Sequence] = {}
         self._arrival = itertools.count()
@@ -219,12 +225,16 @@ class LLMEngine:
         if batch.empty:
             return []
         pairs = list(zip(batch.seqs, batch.num_new))
-        groups = self._split(pairs) if self.config.overlap else [pairs]
+        num_tokens = sum(batch.num_new)
+        tuner = self.overlap_tuner
+        split = tuner is not None and tuner.should_split(num_tokens, len(pairs))
+        groups = self._split(pairs) if split else [pairs]
         mbs, sampled = [], []
         for group in groups:
             mb, group_sampled = self._inputs(group)
             mbs.append(mb)
             sampled.extend(group_sampled)
+        t0 = time.perf_counter()
         try:
             if self.router is not None:
                 with self.router.dispatcher.step():  # placements switch between steps, never inside one
@@ -233,6 +243,8 @@ class LLMEngine:
                 logits = self.runner.forward_microbatches(mbs)
         except ExpertsUnavailable as e:
             return self._fail_unroutable(e, groups)
+        if tuner is not None:
+            tuner.observe(num_tokens, len(pairs), len(groups) > 1, time.perf_counter() - t0)
         for seq, n in zip(batch.seqs, batch.num_new):
             seq.num_computed += n
             if not seq.prefix_registered and seq.num_computed >= len(seq.prompt_token_ids):

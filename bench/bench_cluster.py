@@ -4,8 +4,10 @@
 
 (a) the in-process engine (all experts local), (b) the cluster with 1
 attention replica and 4 expert shards, overlap off, (c) the same with overlap
-on. Same prompts (the bench workload, seed 1234), greedy, EOS ignored, bf16.
-Decode throughput uses the same subtraction as bench_engine
+on (``overlap_mode: adaptive``: the replica measures whole and split steps and
+keeps the faster), and (c') overlap on with every step split
+(``overlap_mode: always``, ``--variants off,on,always``). Same prompts (the
+bench workload, seed 1234), greedy, EOS ignored, bf16. Decode throughput uses the same subtraction as bench_engine
 (``B * (N - 1) / (t(N) - t(1))``); inter-token latency is the median gap
 between streamed chunks of a request (cluster) or between steps (in-process).
 """
@@ -77,7 +79,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--shards", type=int, default=4)
-    ap.add_argument("--variants", default="off,on", help="cluster variants to run: off,on (overlap)")
+    ap.add_argument("--variants", default="off,on,always",
+                    help="cluster variants to run: off, on (adaptive overlap), always (every step split)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of every shard and replica process")
     args = ap.parse_args(argv)
     import ray
@@ -92,7 +95,8 @@ def main(argv=None) -> int:
     prompts_all = workload(n_prompts=max(batches))
     torch.set_num_threads(os.cpu_count())
     engine = LLMEngine(path, EngineConfig(dtype="bfloat16", max_num_seqs=max(batches)))
-    results = {"a_in_process": {}, "b_cluster_overlap_off": {}, "c_cluster_overlap_on": {}}
+    results = {"a_in_process": {}, "b_cluster_overlap_off": {}, "c_cluster_overlap_on": {},
+               "c_cluster_overlap_always": {}}
     for b in batches:
         _engine_run(engine, prompts_all[:b], 2)  # warm-up
         results["a_in_process"][b] = _measure(lambda p, n: _engine_run(engine, p, n), prompts_all[:b], args.new_tokens)
@@ -105,19 +109,21 @@ def main(argv=None) -> int:
     with open(token_file, "w") as f:
         f.write("bench-token")
     try:
-        variants = [(k, o) for k, o, name in (("b_cluster_overlap_off", False, "off"),
-                                              ("c_cluster_overlap_on", True, "on"))
+        variants = [(k, o, m) for k, o, m, name in (("b_cluster_overlap_off", False, "adaptive", "off"),
+                                                    ("c_cluster_overlap_on", True, "adaptive", "on"),
+                                                    ("c_cluster_overlap_always", True, "always", "always"))
                     if name in args.variants.split(",")]
-        for key, overlap in variants:
+        for key, overlap, mode in variants:
             cfg = ClusterConfig(model=str(path), dtype="bfloat16", expert_shards=args.shards,
                                 redundant_slots_per_shard=0, attention_replicas=1, overlap=overlap,
+                                overlap_mode=mode,
                                 torch_threads=args.threads, api_token_file=token_file,
                                 engine=EngineSettings(max_num_seqs=max(batches)))
             serve.run(build_app(cfg), name=APP_NAME, route_prefix=None)
             addr = serve.get_app_handle(APP_NAME).address.remote().result(timeout_s=300)
             for b in batches:
                 run = lambda p, n: asyncio.run(_cluster_run(addr, "bench-token", p, n))  # noqa: E731
-                run(prompts_all[:b], 2)
+                run(prompts_all[:b], 12)  # warm-up; lets the adaptive replica probe both modes (4 steps each)
                 results[key][b] = _measure(run, prompts_all[:b], args.new_tokens)
                 print(key, b, results[key][b], flush=True)
             serve.delete(APP_NAME)
@@ -127,7 +133,7 @@ def main(argv=None) -> int:
     for b in batches:
         a = results["a_in_process"][b]
         line = f"batch {b:3d}: decode tok/s in-process {a['decode_tok_s']:7.1f}"
-        for key, _ in variants:
+        for key, _, _ in variants:
             c = results[key][b]
             line += f" | {key} {c['decode_tok_s']:7.1f} ({c['decode_tok_s'] / a['decode_tok_s']:.2f}x)"
         print(line)

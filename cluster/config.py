@@ -76,7 +76,11 @@ class ClusterConfig(BaseModel):
     replica_num_cpus: float = Field(1.0, gt=0)
     overlap: bool = False
     """Ping-pong micro-batches. Off by default: on small CPU hosts where shards and replicas share
-    cores it measured slower (docs/benchmarks.md); turn it on where shards have their own devices."""
+    cores splitting measured slower (docs/benchmarks.md); turn it on where shards have their own devices."""
+    overlap_mode: Literal["adaptive", "always"] = Field(
+        "adaptive", description="with overlap: 'adaptive' splits a step only where the replica measured split "
+                                "steps of that shape to run faster (attention/overlap.py); 'always' splits every "
+                                "step of two sequences or more")
     wire_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     torch_threads: int = Field(1, ge=1, description="torch threads per process (shards and replicas)")
     engine: EngineSettings = EngineSettings()

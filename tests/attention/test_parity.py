@@ -57,7 +57,8 @@ def test_overlap_microbatches_match_transformers(family, hf_models):
     """Ping-pong micro-batching changes the schedule, not the tokens."""
     ckpt, model = hf_models(family)
     engine = LLMEngine(ckpt, EngineConfig(dtype="float32", block_size=4, max_num_batched_tokens=24,
-                                          num_blocks=128, overlap=True))
+                                          num_blocks=128, overlap=True,
+                                          overlap_mode="always"))
     prompts = _prompts(engine.spec.vocab_size)
     ours = engine.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS))
     for prompt, got in zip(prompts, ours):

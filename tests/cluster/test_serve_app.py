@@ -73,6 +73,9 @@ def test_overlap_on_and_another_placement_give_the_same_tokens(hf_models, ray_se
     ckpt, _ = hf_models("mixtral")
     prompts = _prompts(256)
     expected = _reference(ckpt, prompts)
+    assert asyncio.run(_generate_all(_deploy(ckpt, tmp_path, overlap=True, overlap_mode="always"),
+                                     prompts)) == expected
+    # adaptive: the replica probes whole and split steps, then keeps the faster; tokens never change
     assert asyncio.run(_generate_all(_deploy(ckpt, tmp_path, overlap=True), prompts)) == expected
     # experts dealt in reverse, two hot copies on the other shard
     other = [[7, 6, 5, 4, 0, 3, 2, 1, 0, 7]] * 2
