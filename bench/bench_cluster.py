@@ -24,6 +24,7 @@ import time
 import torch
 
 from bench.common import ensure_bench_model, workload
+from bench.cpu_accounting import CpuMeter, cpu_by_role
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
@@ -66,12 +67,17 @@ async def _cluster_run(addr, token, prompts, n_new):
     return dt, gaps
 
 
-def _measure(run, prompts, n_new):
+def _measure(run, prompts, n_new, meter: CpuMeter):
     t_one, _ = run(prompts, 1)
+    before = meter.sample()
     t_full, gaps = run(prompts, n_new)
+    spent = cpu_by_role(before, meter.sample())
     b = len(prompts)
     return {"tok_s": b * n_new / t_full, "decode_tok_s": b * (n_new - 1) / max(t_full - t_one, 1e-9),
-            "itl_ms_median": 1000 * statistics.median(gaps) if gaps else None}
+            "itl_ms_median": 1000 * statistics.median(gaps) if gaps else None,
+            # where the cores went during the full run: CPU ms per engine step, per role
+            "cpu_ms_per_step": {role: round(1000 * sec / n_new, 1) for role, sec in spent.items() if sec > 0},
+            "busy_cores": round(sum(spent.values()) / t_full, 2)}
 
 
 def main(argv=None) -> int:
@@ -95,11 +101,13 @@ def main(argv=None) -> int:
     prompts_all = workload(n_prompts=max(batches))
     torch.set_num_threads(os.cpu_count())
     engine = LLMEngine(path, EngineConfig(dtype="bfloat16", max_num_seqs=max(batches)))
+    meter = CpuMeter()
     results = {"a_in_process": {}, "b_cluster_overlap_off": {}, "c_cluster_overlap_on": {},
                "c_cluster_overlap_always": {}}
     for b in batches:
         _engine_run(engine, prompts_all[:b], 2)  # warm-up
-        results["a_in_process"][b] = _measure(lambda p, n: _engine_run(engine, p, n), prompts_all[:b], args.new_tokens)
+        results["a_in_process"][b] = _measure(lambda p, n: _engine_run(engine, p, n), prompts_all[:b], args.new_tokens,
+                                               meter)
         print("in-process", b, results["a_in_process"][b], flush=True)
     del engine
 
@@ -124,7 +132,7 @@ def main(argv=None) -> int:
             for b in batches:
                 run = lambda p, n: asyncio.run(_cluster_run(addr, "bench-token", p, n))  # noqa: E731
                 run(prompts_all[:b], 12)  # warm-up; lets the adaptive replica probe both modes (4 steps each)
-                results[key][b] = _measure(run, prompts_all[:b], args.new_tokens)
+                results[key][b] = _measure(run, prompts_all[:b], args.new_tokens, meter)
                 print(key, b, results[key][b], flush=True)
             serve.delete(APP_NAME)
     finally:
@@ -137,6 +145,11 @@ def main(argv=None) -> int:
             c = results[key][b]
             line += f" | {key} {c['decode_tok_s']:7.1f} ({c['decode_tok_s'] / a['decode_tok_s']:.2f}x)"
         print(line)
+    print("\nCPU ms per step by role (full run; busy cores = CPU seconds / wall seconds):")
+    for key, per_b in results.items():
+        for b, r in per_b.items():
+            top = ", ".join(f"{role} {ms:.1f}" for role, ms in list(r["cpu_ms_per_step"].items())[:8])
+            print(f"  {key} batch {b}: busy {r['busy_cores']:.2f} cores | {top}")
     print(json.dumps(results))
     return 0
 
