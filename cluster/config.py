@@ -68,8 +68,9 @@ class ClusterConfig(BaseModel):
     shard_restart_wait_s: float = Field(
         30.0, ge=0, description="a step waits this long for a dead shard to restart when an expert it held has "
                                 "no other copy; past it, only the requests routed to that expert fail (UNAVAILABLE)")
-    shard_host: str = Field("127.0.0.1", description="bind address of the shards' gRPC servers; a wildcard "
-                                                     "(0.0.0.0) advertises the node's IP (multi-node clusters)")
+    shard_host: str = Field("127.0.0.1", description="bind address of the internal gRPC servers (the shards' and "
+                                                     "the ingress's output sink); a wildcard (0.0.0.0) advertises "
+                                                     "the node's IP (multi-node clusters)")
     ray_resources: RayResources = RayResources()
 
     attention_replicas: int = Field(2, ge=1)
@@ -81,6 +82,10 @@ class ClusterConfig(BaseModel):
         "adaptive", description="with overlap: 'adaptive' splits a step only where the replica measured split "
                                 "steps of that shape to run faster (attention/overlap.py); 'always' splits every "
                                 "step of two sequences or more")
+    output_sink: bool = Field(
+        True, description="replicas send per-step token deltas to the API ingress batched on one gRPC stream "
+                          "per replica (cluster/output_sink.py) instead of one Ray stream item per request "
+                          "per step")
     wire_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     torch_threads: int = Field(1, ge=1, description="torch threads per process (shards and replicas)")
     engine: EngineSettings = EngineSettings()

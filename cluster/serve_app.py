@@ -286,6 +286,7 @@ class AttentionReplica:
             expert_restart_wait_s=c.shard_restart_wait_s),
             transport=self.transport, placement=placement)
         self.engine = AsyncEngine(engine, max_waiting=e.max_waiting)
+        self.pusher = None  # SinkPusher, made on first use (on this replica's event loop)
         self.replica_id = replica_id()
         self.flusher = self.follower = self.telemetry = None
         from cluster.replica_metrics import ReplicaMetrics
@@ -343,25 +344,47 @@ class AttentionReplica:
         return {"running": s.running, "waiting": s.waiting, "kv_cache_usage": s.kv_cache_usage,
                 "num_blocks": s.num_blocks, "placement_epoch": self._epoch(), **self.metrics.summary()}
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict):
-        """Stream dicts: new ``token_ids`` per step, ``finish_reason`` on the last;
-        or one ``error`` dict (``invalid_argument`` | ``resource_exhausted`` | ``unavailable``)."""
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict, sink: dict | None = None):
+        """Stream dicts: new ``token_ids`` (output tokens from ``offset`` on) per step, ``finish_reason``
+        on the last; or one ``error`` dict (``invalid_argument`` | ``resource_exhausted`` | ``unavailable``).
+
+        With ``sink`` (the ingress's :class:`~cluster.output_sink.SinkSpec` as a dict) the per-step
+        deltas go to that sink, batched with the other requests of the step, and the Serve stream
+        carries only the last item, whose ``output_token_ids`` lists every output token (so the
+        ingress fills in anything the sink did not deliver); while the sink is unreachable the
+        deltas come on the Serve stream as without it.
+        """
         from attention.async_engine import EngineFailed, QueueFull
         from attention.sequence import RequestError, SamplingParams
 
+        from cluster.output_sink import SinkSpec
         from cluster.replica_metrics import RequestTimer
 
         timer, m, done = RequestTimer(), self.metrics, False
+        target = SinkSpec.from_dict(sink)
+        produced: list[int] = []
         try:
             sp = SamplingParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()})
             async for out in self.engine.generate(request_id, prompt_token_ids, sp):
                 m.tokens(timer, len(out.new_token_ids))
+                offset = len(produced)
+                produced.extend(out.new_token_ids)
+                new = out.new_token_ids
                 if out.finished:
                     done = True
                     m.finished(timer, out.finish_reason, out.num_prompt_tokens)
-                yield {"token_ids": out.new_token_ids, "finished": out.finished,
-                       "finish_reason": out.finish_reason, "prompt_tokens": out.num_prompt_tokens,
-                       "completion_tokens": out.num_output_tokens}
+                elif target is not None:
+                    if self._sink_pusher().push(target, request_id, offset, new):
+                        continue
+                    # the sink is unreachable (deltas it was sent may be lost): the rest of this request
+                    # goes on the Serve call, starting with every token so far
+                    target, offset, new = None, 0, list(produced)
+                item = {"token_ids": new, "offset": offset, "finished": out.finished,
+                        "finish_reason": out.finish_reason, "prompt_tokens": out.num_prompt_tokens,
+                        "completion_tokens": out.num_output_tokens}
+                if out.finished and sink is not None:
+                    item["output_token_ids"] = produced
+                yield item
         except (RequestError, TypeError) as e:
             done = True
             m.failed("invalid_argument")
@@ -377,6 +400,14 @@ class AttentionReplica:
         finally:
             if not done:  # the caller went away (cancelled, deadline) before the last token
                 m.failed("aborted")
+
+    def _sink_pusher(self):
+        if self.pusher is None:
+            from cluster.output_sink import SinkPusher
+
+            tls = _internal_tls(self.cfg)
+            self.pusher = SinkPusher(tls.get("channel_credentials"), tls.get("channel_options"))
+        return self.pusher
 
     async def stats(self) -> dict:
         from dataclasses import asdict
@@ -558,7 +589,14 @@ class ApiIngress:
         token = None
         if c.require_auth:
             token = os.environ.get("MOEYARD_API_TOKEN") or _read_token(c)
-        backend = ServeBackend(replicas, shard_manager, spec, c)
+        self.sink = None
+        if c.output_sink:
+            from cluster.output_sink import OutputSink
+            from cluster.tls import shard_server_credentials
+
+            self.sink = OutputSink(c.shard_host, shard_server_credentials(c.tls))
+            await self.sink.start()
+        backend = ServeBackend(replicas, shard_manager, spec, c, sink=self.sink)
         self.autoscaler = autoscaler
         self.dashboard = dashboard
         from cluster.tls import api_server_credentials
@@ -580,6 +618,8 @@ class ApiIngress:
         ``timeout_s`` (default ``drain_timeout_s``); then stop the API server."""
         if self.server is not None:
             await self.server.stop(grace=self.cfg.drain_timeout_s if timeout_s is None else timeout_s)
+        if getattr(self, "sink", None) is not None:
+            await self.sink.stop(0)
 
     async def __del__(self):
         # graceful shutdown (serve.delete, a redeploy): streams in flight finish first

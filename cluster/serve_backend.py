@@ -3,6 +3,7 @@ replicas through a Serve handle (streaming)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
@@ -13,15 +14,66 @@ from ray.serve.exceptions import BackPressureError
 from attention.async_engine import EngineFailed, QueueFull
 from attention.sequence import RequestError, RequestOutput, SamplingParams
 from cluster.config import ClusterConfig
+from cluster.output_sink import Delta, OutputSink
 from cluster.spec import ModelSpec
 
 log = logging.getLogger("moeyard.serve")
 _ERRORS = {"invalid_argument": RequestError, "resource_exhausted": QueueFull, "unavailable": EngineFailed}
 
 
+_END = object()
+
+
+async def _read_into(gen, queue: asyncio.Queue) -> None:
+    """Put the Serve call's items on ``queue``, then ``_END`` (or the exception it raised)."""
+    try:
+        async for item in gen:
+            queue.put_nowait(item)
+        queue.put_nowait(_END)
+    except asyncio.CancelledError:
+        raise
+    except BaseException as e:
+        queue.put_nowait(e)
+
+
+class _Merge:
+    """One request's output tokens from two paths (the sink's deltas and the Serve call's items),
+    each tagged with its offset: every token is passed on once and in order."""
+
+    def __init__(self, request_id: str, prompt_tokens: int):
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.sent = 0  # output tokens passed on so far
+
+    def delta(self, offset: int, token_ids: list[int]) -> RequestOutput | None:
+        """Output tokens ``offset...``; a gap (a lost delta) waits for the final item."""
+        if offset > self.sent or offset + len(token_ids) <= self.sent:
+            return None
+        new = token_ids[self.sent - offset:]
+        self.sent += len(new)
+        return RequestOutput(self.request_id, new, False, None, self.prompt_tokens, self.sent)
+
+    def item(self, item: dict) -> RequestOutput | None:
+        if "error" in item:
+            raise _ERRORS.get(item["error"], EngineFailed)(item["message"])
+        if item.get("finished"):
+            every = item.get("output_token_ids")
+            if every is None:  # no sink: the item's own tokens, from its offset
+                offset = item.get("offset", self.sent)
+                every_new = item["token_ids"][max(0, self.sent - offset):] if offset <= self.sent else []
+            else:
+                every_new = list(every[self.sent:])
+            self.sent += len(every_new)
+            return RequestOutput(self.request_id, every_new, True, item["finish_reason"],
+                                 item["prompt_tokens"], item["completion_tokens"])
+        return self.delta(item.get("offset", self.sent), item["token_ids"])
+
+
 class ServeBackend:
-    def __init__(self, replicas, shard_manager, spec: ModelSpec, cfg: ClusterConfig):
+    def __init__(self, replicas, shard_manager, spec: ModelSpec, cfg: ClusterConfig, sink: OutputSink | None = None):
         self.replicas = replicas.options(stream=True)
+        self.sink = sink
+        """Where the replicas send per-step token deltas (None: on each request's Serve call)."""
         self.shard_manager = shard_manager
         self.spec = spec
         self.cfg = cfg
@@ -36,22 +88,46 @@ class ServeBackend:
         if self.in_flight >= self.capacity:
             raise QueueFull(f"server is at capacity ({self.capacity} requests in flight); try again later")
         self.in_flight += 1
+        stream = self._stream(request_id, prompt_token_ids, params)
         try:
-            async for out in self._stream(request_id, prompt_token_ids, params):
+            async for out in stream:
                 yield out
         finally:
             self.in_flight -= 1
+            await stream.aclose()  # cancel the replica's call now, not when the generator is collected
 
     async def _stream(self, request_id: str, prompt_token_ids: list[int],
                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        gen = self.replicas.generate.remote(request_id, list(prompt_token_ids), dataclasses.asdict(params))
+        sink = self.sink
+        deltas = sink.open(request_id) if sink is not None else None
+        gen = self.replicas.generate.remote(request_id, list(prompt_token_ids), dataclasses.asdict(params),
+                                            sink.spec().to_dict() if sink is not None else None)
         assigned = True
+        reader = None
+        merge = _Merge(request_id, len(prompt_token_ids))
         try:
-            async for item in gen:
-                if "error" in item:
-                    raise _ERRORS.get(item["error"], EngineFailed)(item["message"])
-                yield RequestOutput(request_id, item["token_ids"], item["finished"], item["finish_reason"],
-                                    item["prompt_tokens"], item["completion_tokens"])
+            if deltas is None:
+                async for item in gen:
+                    out = merge.item(item)
+                    if out is not None:
+                        yield out
+            else:
+                # the Serve call (errors, the final item) and the sink (per-step deltas) feed one queue
+                reader = asyncio.get_running_loop().create_task(_read_into(gen, deltas))
+                while True:
+                    got = await deltas.get()
+                    if isinstance(got, Delta):
+                        out = merge.delta(got.offset, got.token_ids)
+                    elif isinstance(got, BaseException):
+                        raise got
+                    elif got is _END:
+                        return
+                    else:
+                        out = merge.item(got)
+                    if out is not None:
+                        yield out
+                        if out.finished:
+                            return
         except BackPressureError:
             assigned = False  # never reached a replica: nothing to cancel
             raise QueueFull("server is at capacity (every attention replica's queue is full); "
@@ -63,6 +139,10 @@ class ServeBackend:
             raise EngineFailed(f"the attention replica serving this request failed ({type(e).__name__}); "
                                "retry the request") from None
         finally:
+            if sink is not None:
+                sink.close(request_id)
+            if reader is not None and not reader.done():
+                reader.cancel()
             if assigned:
                 try:
                     gen.cancel()
