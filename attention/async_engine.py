@@ -40,6 +40,11 @@ class EngineStats:
     num_blocks: int
 
 
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)
+
+
 @dataclass
 class _Add:
     request_id: str
@@ -63,18 +68,21 @@ class AsyncEngine:
         self._thread.start()
 
     # -- stepping thread ---------------------------------------------------------
-    def _deliver(self, out: RequestOutput) -> None:
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their streams: one wake-up per event loop, not one per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         with self._inbox_lock:
-            target = self._streams.get(out.request_id)
-            if out.finished:
-                self._streams.pop(out.request_id, None)
-        if target is None:
-            return
-        loop, queue = target
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, out)
-        except RuntimeError:  # the caller's loop is closed: nobody is listening
-            pass
+            for out in outputs:
+                target = self._streams.get(out.request_id)
+                if out.finished:
+                    self._streams.pop(out.request_id, None)
+                if target is not None:
+                    by_loop.setdefault(target[0], []).append((target[1], out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the caller's loop is closed: nobody is listening
+                pass
 
     def _run(self) -> None:
         while True:
@@ -106,8 +114,7 @@ class AsyncEngine:
                     for rid in failed:
                         self.engine.abort(rid)
                         outputs.append(RequestOutput(rid, [], True, "error", error=f"{type(e).__name__}: {e}"))
-            for out in outputs:
-                self._deliver(out)
+            self._deliver(outputs)
 
     # -- asyncio side ------------------------------------------------------------
     async def generate(self, request_id: str, prompt_token_ids: list[int],
