@@ -625,6 +625,15 @@ class ApiIngress:
         # graceful shutdown (serve.delete, a redeploy): streams in flight finish first
         await self.drain()
 
+    async def output_sink_stats(self) -> dict | None:
+        """The output sink's address and counters (batches, deltas, dropped), and the API address of
+        this ingress; None when the sink is off."""
+        sink = self.sink
+        if sink is None:
+            return None
+        return {"address": sink.address, "batches": sink.batches, "deltas": sink.deltas, "dropped": sink.dropped,
+                "api_address": self.server.address if self.server is not None else None}
+
     async def dashboard_address(self) -> str | None:
         """The dashboard's URL (``http://host:port/``), None when it is off."""
         return await self.dashboard.address.remote() if self.dashboard is not None else None

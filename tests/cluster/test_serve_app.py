@@ -17,6 +17,7 @@ from attention.sequence import SamplingParams
 from cluster.config import ClusterConfig, EngineSettings
 from cluster.serve_app import APP_NAME, build_app
 from moeyard.client import AsyncMoeyardClient, MoeyardClient, MoeyardError
+from tests.cluster.sink_stats import ingress_sink_stats
 from tests.conftest import FAMILIES
 
 PROMPT_LENS = [3, 9, 17, 30]
@@ -67,6 +68,8 @@ def test_cluster_equals_in_process_engine(family, hf_models, ray_serve, tmp_path
     prompts = _prompts(256)
     addr = _deploy(ckpt, tmp_path)
     assert asyncio.run(_generate_all(addr, prompts)) == _reference(ckpt, prompts)
+    sink = ingress_sink_stats(addr)  # the tokens came through the replicas' output streams
+    assert sink["deltas"] >= len(prompts) * (NEW_TOKENS - 1) and sink["batches"] < sink["deltas"]
 
 
 def test_overlap_on_and_another_placement_give_the_same_tokens(hf_models, ray_serve, tmp_path):

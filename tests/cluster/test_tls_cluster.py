@@ -1,8 +1,9 @@
 """TLS on a real local Ray cluster: the public API over TLS, the expert protocol over mutual TLS.
 
 With certificates configured (a self-signed test CA), greedy outputs through the cluster equal
-the in-process engine; a plaintext client is refused by the API; a shard refuses a plaintext
-channel and a TLS channel without a client certificate.
+the in-process engine and their tokens came through the ingress's output sink; a plaintext client
+is refused by the API and by the sink; a shard refuses a plaintext channel and a TLS channel
+without a client certificate.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from cluster.tls import TLSSettings
 from moeyard.client import MoeyardClient, MoeyardError
 from moeyard.v1 import expert_pb2, expert_pb2_grpc
 from tests.certs import make_certs
+from tests.cluster.sink_stats import ingress_sink_stats
 
 pytestmark = pytest.mark.timeout(300)
 TOKEN = "tls-cluster-token-0123456789"
@@ -51,6 +53,13 @@ def test_api_tls_and_internal_mutual_tls(ray_serve, tmp_path):
         finally:
             torch.set_num_threads(threads)
         assert got == ref                               # routers reached the shards over mutual TLS
+        sink = ingress_sink_stats(addr)
+        assert sink["deltas"] >= 7                      # ... and the replica reached the output sink
+        with grpc.insecure_channel(sink["address"]) as ch:  # plaintext to the TLS sink
+            deliver = ch.stream_unary("/moeyard.v1.OutputSink/Deliver")
+            with pytest.raises(grpc.RpcError) as e:
+                deliver(iter([b""]), timeout=5)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         with MoeyardClient(addr, token=TOKEN, timeout=5) as plain:
             with pytest.raises(MoeyardError) as e:
                 plain.generate_all(prompt, max_new_tokens=2)
