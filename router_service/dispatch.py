@@ -36,16 +36,17 @@ class DispatchPlan:
 
 
 def plan_dispatch(hidden: torch.Tensor, ids: torch.Tensor, placement: Placement,
-                  moe_layer: int) -> tuple[DispatchPlan, list[ShardBatch]]:
+                  moe_layer: int, turn: int = 0) -> tuple[DispatchPlan, list[ShardBatch]]:
     """Group the assignments of one MoE layer by shard.
 
     Args:
         hidden: ``[T, D]`` tokens after the post-attention norm.
         ids: ``[T, A]`` logical experts chosen by the gate.
+        turn: rotates which copy of a replicated expert comes first (``Placement.choose_slots``).
     Returns the plan (to combine later) and one batch per involved shard.
     """
     t, a = ids.shape
-    slots = placement.choose_slots(moe_layer, ids)
+    slots = placement.choose_slots(moe_layer, ids, turn)
     flat = slots.reshape(-1)
     order = torch.argsort(flat, stable=True)
     sorted_slots = flat[order]
@@ -136,6 +137,7 @@ class ExpertDispatcher:
         self.recorder = recorder
         self.on_stale = on_stale
         self._down: dict[int, float] = {}  # shard -> monotonic time it was marked down
+        self._turn = 0  # advanced per layer call: rotates the first copy of replicated experts
         self._step_lock = threading.Lock()
         self._pending: Placement | None = None
         self._pending_lock = threading.Lock()
@@ -198,7 +200,8 @@ class ExpertDispatcher:
         p = PendingExperts(moe_layer, hidden, weights, ids)
         if hidden.shape[0]:
             placement = self._live_placement()  # one epoch for the whole layer
-            p.plan, batches = plan_dispatch(hidden, ids, placement, moe_layer)
+            self._turn += 1
+            p.plan, batches = plan_dispatch(hidden, ids, placement, moe_layer, self._turn)
             p.future = self.transport.submit(moe_layer, batches, placement.epoch)
             if self.recorder is not None:
                 self.recorder.record(moe_layer, ids, p.plan.slots)

@@ -104,12 +104,16 @@ class Placement:
         """The same placement with ``shards`` left out of ``log2phy`` (they are unreachable)."""
         return Placement(self.phy2log, self.num_shards, self.epoch, frozenset(shards))
 
-    def choose_slots(self, moe_layer: int, ids: torch.Tensor) -> torch.Tensor:
+    def choose_slots(self, moe_layer: int, ids: torch.Tensor, turn: int = 0) -> torch.Tensor:
         """Pick a physical slot for every ``(token, k)`` assignment.
 
-        ``ids [T, A]`` logical experts -> ``[T, A]`` slots. Copies are chosen
-        round-robin by token index, so hot experts spread over their copies and
-        the choice is deterministic for a given batch. Raises
+        ``ids [T, A]`` logical experts -> ``[T, A]`` slots. The ``j``-th assignment
+        of an expert in the batch (in token order) goes to its copy ``(j + turn) %
+        copies``: every expert's tokens split evenly over its copies in every batch
+        (within one), whichever rows they sit in (choosing by row index instead
+        sent a request that keeps its row to the same copy step after step), and a
+        caller that advances ``turn`` per call also spreads experts that get one
+        token per batch. Deterministic for given ``ids`` and ``turn``. Raises
         :class:`ExpertsUnavailable` if an expert has no live copy.
         """
         cnt = self.logcnt[moe_layer][ids]
@@ -118,8 +122,19 @@ class Placement:
             rows = (cnt == 0).any(dim=1).nonzero().flatten().tolist()
             raise ExpertsUnavailable(f"experts {lost} of MoE layer {moe_layer} have no reachable copy "
                                      f"(shards {sorted(self.excluded_shards)} are down)", rows)
-        tok = torch.arange(ids.shape[0]).unsqueeze(1).expand_as(ids)
-        return self.log2phy[moe_layer][ids, tok % cnt]
+        return self.log2phy[moe_layer][ids, (rank_within_expert(ids) + turn) % cnt]
+
+
+def rank_within_expert(ids: torch.Tensor) -> torch.Tensor:
+    """``ids [T, A]`` -> ``[T, A]``: how many assignments of the same expert come before each one
+    (in row-major order)."""
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    _, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    rank = torch.empty_like(flat)
+    rank[order] = torch.arange(flat.numel(), dtype=flat.dtype) - starts
+    return rank.view_as(ids)
 
 
 def round_robin_placement(num_layers: int, num_experts: int, num_shards: int,

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router_service.placement import Placement, round_robin_placement
+from router_service.placement import Placement, rank_within_expert, round_robin_placement
 
 
 def _ref_tables(phy2log: list[list[int]]) -> tuple[list[list[int]], list[list[list[int]]]]:
@@ -120,6 +120,27 @@ def test_choose_slots_hold_the_right_expert():
         assert bool((slots >= 0).all()) and bool((slots < pl.num_slots).all())
         assert torch.equal(pl.phy2log[layer][slots], ids)
         assert torch.equal(pl.choose_slots(layer, ids), slots)  # deterministic
+
+
+def test_rank_within_expert_counts_earlier_assignments_of_the_same_expert():
+    ids = torch.tensor([[3, 1], [1, 3], [2, 3], [1, 0]])
+    assert rank_within_expert(ids).tolist() == [[0, 0], [1, 1], [0, 2], [2, 0]]
+
+
+def test_choose_slots_splits_each_expert_evenly_whatever_rows_it_sits_in():
+    # expert 3 has copies in slots 0 and 3; it is chosen by every even row only (a batch whose
+    # requests keep their rows, as in lockstep decode): choosing by row index sent all to one copy
+    pl = Placement(torch.tensor([[3, 0, 1, 3, 2, 4, 5, 6]]), num_shards=2)
+    ids = torch.tensor([[3, 0] if t % 2 == 0 else [1, 2] for t in range(12)])
+    use = Counter(pl.choose_slots(0, ids)[ids == 3].tolist())
+    assert use == {0: 3, 3: 3}
+
+
+def test_choose_slots_turn_rotates_the_copy_of_a_lone_assignment():
+    pl = Placement(torch.tensor([[3, 0, 1, 3, 2, 4, 5, 6]]), num_shards=2)
+    ids = torch.tensor([[3, 0]])
+    assert [int(pl.choose_slots(0, ids, turn)[0, 0]) for turn in range(4)] == [0, 3, 0, 3]
+    assert torch.equal(pl.choose_slots(0, ids, 1), pl.choose_slots(0, ids, 1))  # deterministic
 
 
 def test_choose_slots_spreads_over_copies():
