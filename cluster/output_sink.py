@@ -21,7 +21,8 @@ repeats).
 Security: the sink listens on the internal bind address (``shard_host``) with
 the internal mutual TLS when configured, and every stream must carry the
 ingress's random secret (``x-moeyard-sink-secret``), which the ingress hands to
-replicas only inside Ray calls.
+replicas only inside Ray calls. Deltas name their request by a random key the
+ingress made for it, never by the client's request id (which a client picks).
 """
 
 from __future__ import annotations
@@ -55,12 +56,14 @@ class SinkSpec:
     address: str
     secret: str = field(repr=False)
 
-    def to_dict(self) -> dict:
-        return {"address": self.address, "secret": self.secret}
+    def to_dict(self, key: str) -> dict:
+        """What a request's Ray call carries: this sink, and the request's key on it."""
+        return {"address": self.address, "secret": self.secret, "key": key}
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "SinkSpec | None":
-        return None if not d else cls(str(d["address"]), str(d["secret"]))
+    def from_dict(cls, d: dict | None) -> "tuple[SinkSpec, str] | None":
+        """``(sink, key)`` from :meth:`to_dict`'s form (None for None)."""
+        return None if not d else (cls(str(d["address"]), str(d["secret"])), str(d["key"]))
 
 
 @dataclass(frozen=True)
@@ -127,14 +130,17 @@ class OutputSink:
             raise RuntimeError("output sink not started")
         return SinkSpec(self.address, self.secret)
 
-    def open(self, request_id: str) -> asyncio.Queue:
-        """Start taking deltas for ``request_id``: they arrive on the returned queue as :class:`Delta`."""
+    def open(self) -> tuple[str, asyncio.Queue]:
+        """Start taking deltas for one request: returns a fresh random key (for the replica to send
+        them under; never the client's request id, which a client chooses) and the queue they
+        arrive on as :class:`Delta`."""
+        key = secrets.token_hex(12)
         q: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = q
-        return q
+        self._queues[key] = q
+        return key, q
 
-    def close(self, request_id: str) -> None:
-        self._queues.pop(request_id, None)
+    def close(self, key: str) -> None:
+        self._queues.pop(key, None)
 
     async def stop(self, grace: float | None = None) -> None:
         if self._server is not None:
@@ -152,7 +158,7 @@ class OutputSink:
             n += 1
             self.batches += 1
             for d in batch.deltas:
-                q = self._queues.get(d.request_id)
+                q = self._queues.get(d.key)
                 if q is None or d.offset < 0:
                     self.dropped += 1
                     continue
@@ -263,13 +269,14 @@ class SinkPusher:
         self._options = list(channel_options or [])
         self._conns: dict[SinkSpec, _Conn] = {}
 
-    def push(self, sink: SinkSpec, request_id: str, offset: int, token_ids: Sequence[int]) -> bool:
+    def push(self, sink: SinkSpec, key: str, offset: int, token_ids: Sequence[int]) -> bool:
+        """Queue output tokens ``offset...`` of the request ``key`` names for ``sink``'s next message."""
         conn = self._conns.get(sink)
         if conn is None:
             conn = self._conns[sink] = _Conn(sink, self._credentials, self._options)
         if not conn.usable():
             return False
-        conn.pending.append(pb.TokenDelta(request_id=request_id, offset=offset, token_ids=token_ids))
+        conn.pending.append(pb.TokenDelta(key=key, offset=offset, token_ids=token_ids))
         if not conn.flush_scheduled:
             conn.flush_scheduled = True
             asyncio.get_running_loop().call_soon(conn.flush)

@@ -361,7 +361,7 @@ class AttentionReplica:
         from cluster.replica_metrics import RequestTimer
 
         timer, m, done = RequestTimer(), self.metrics, False
-        target = SinkSpec.from_dict(sink)
+        target, key = SinkSpec.from_dict(sink) or (None, None)
         produced: list[int] = []
         try:
             sp = SamplingParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()})
@@ -374,7 +374,7 @@ class AttentionReplica:
                     done = True
                     m.finished(timer, out.finish_reason, out.num_prompt_tokens)
                 elif target is not None:
-                    if self._sink_pusher().push(target, request_id, offset, new):
+                    if self._sink_pusher().push(target, key, offset, new):
                         continue
                     # the sink is unreachable (deltas it was sent may be lost): the rest of this request
                     # goes on the Serve call, starting with every token so far

@@ -99,9 +99,9 @@ class ServeBackend:
     async def _stream(self, request_id: str, prompt_token_ids: list[int],
                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
         sink = self.sink
-        deltas = sink.open(request_id) if sink is not None else None
+        key, deltas = sink.open() if sink is not None else (None, None)
         gen = self.replicas.generate.remote(request_id, list(prompt_token_ids), dataclasses.asdict(params),
-                                            sink.spec().to_dict() if sink is not None else None)
+                                            sink.spec().to_dict(key) if sink is not None else None)
         assigned = True
         reader = None
         merge = _Merge(request_id, len(prompt_token_ids))
@@ -140,7 +140,7 @@ class ServeBackend:
                                "retry the request") from None
         finally:
             if sink is not None:
-                sink.close(request_id)
+                sink.close(key)
             if reader is not None and not reader.done():
                 reader.cancel()
             if assigned:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18moeyard/v1/outputs.proto\x12\nmoeyard.v1\"C\n\nTokenDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\"5\n\x0bOutputBatch\x12&\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\x16.moeyard.v1.TokenDelta\"\x1f\n\x0c\x44\x65liverReply\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x03\x32L\n\nOutputSink\x12>\n\x07\x44\x65liver\x12\x17.moeyard.v1.OutputBatch\x1a\x18.moeyard.v1.DeliverReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18moeyard/v1/outputs.proto\x12\nmoeyard.v1\"<\n\nTokenDelta\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\"5\n\x0bOutputBatch\x12&\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\x16.moeyard.v1.TokenDelta\"\x1f\n\x0c\x44\x65liverReply\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x03\x32L\n\nOutputSink\x12>\n\x07\x44\x65liver\x12\x17.moeyard.v1.OutputBatch\x1a\x18.moeyard.v1.DeliverReply(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,11 +32,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moeyard.v1.outputs_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TOKENDELTA']._serialized_start=40
-  _globals['_TOKENDELTA']._serialized_end=107
-  _globals['_OUTPUTBATCH']._serialized_start=109
-  _globals['_OUTPUTBATCH']._serialized_end=162
-  _globals['_DELIVERREPLY']._serialized_start=164
-  _globals['_DELIVERREPLY']._serialized_end=195
-  _globals['_OUTPUTSINK']._serialized_start=197
-  _globals['_OUTPUTSINK']._serialized_end=273
+  _globals['_TOKENDELTA']._serialized_end=100
+  _globals['_OUTPUTBATCH']._serialized_start=102
+  _globals['_OUTPUTBATCH']._serialized_end=155
+  _globals['_DELIVERREPLY']._serialized_start=157
+  _globals['_DELIVERREPLY']._serialized_end=188
+  _globals['_OUTPUTSINK']._serialized_start=190
+  _globals['_OUTPUTSINK']._serialized_end=266
 # @@protoc_insertion_point(module_scope)

@@ -30,8 +30,8 @@ class OutputSinkStub:
     the internal mutual TLS when configured. Callers must send the ingress's
     secret (handed to replicas inside each request's Ray call) in the
     `x-moeyard-sink-secret` metadata: UNAUTHENTICATED otherwise. A message that
-    does not parse ends the stream with INVALID_ARGUMENT. Deltas for requests
-    the ingress is not (or no longer) waiting for are dropped.
+    does not parse ends the stream with INVALID_ARGUMENT. Deltas for keys the
+    ingress is not (or no longer) waiting for are dropped.
     """
 
     def __init__(self, channel):
@@ -52,8 +52,8 @@ class OutputSinkServicer:
     the internal mutual TLS when configured. Callers must send the ingress's
     secret (handed to replicas inside each request's Ray call) in the
     `x-moeyard-sink-secret` metadata: UNAUTHENTICATED otherwise. A message that
-    does not parse ends the stream with INVALID_ARGUMENT. Deltas for requests
-    the ingress is not (or no longer) waiting for are dropped.
+    does not parse ends the stream with INVALID_ARGUMENT. Deltas for keys the
+    ingress is not (or no longer) waiting for are dropped.
     """
 
     def Deliver(self, request_iterator, context):
@@ -83,8 +83,8 @@ class OutputSink:
     the internal mutual TLS when configured. Callers must send the ingress's
     secret (handed to replicas inside each request's Ray call) in the
     `x-moeyard-sink-secret` metadata: UNAUTHENTICATED otherwise. A message that
-    does not parse ends the stream with INVALID_ARGUMENT. Deltas for requests
-    the ingress is not (or no longer) waiting for are dropped.
+    does not parse ends the stream with INVALID_ARGUMENT. Deltas for keys the
+    ingress is not (or no longer) waiting for are dropped.
     """
 
     @staticmethod

@@ -161,6 +161,27 @@ def test_an_unreachable_sink_falls_back_too():
     _check(results)
 
 
+def test_deltas_are_keyed_by_the_ingress_not_by_the_clients_request_id():
+    # two streams under the same client request id (as two ingresses, or a replayed id) get
+    # separate keys: neither can receive the other's tokens
+    async def go():
+        sink = OutputSink()
+        await sink.start()
+        (k1, q1), (k2, q2) = sink.open(), sink.open()
+        pusher = SinkPusher()
+        assert k1 != k2 and len(k1) >= 24
+        pusher.push(sink.spec(), k1, 0, [1])
+        pusher.push(sink.spec(), k2, 0, [2])
+        for _ in range(100):
+            if sink.deltas == 2:
+                break
+            await asyncio.sleep(0.01)
+        await pusher.close()
+        await sink.stop(0)
+        return q1.get_nowait().token_ids, q2.get_nowait().token_ids
+    assert asyncio.run(go()) == ([1], [2])
+
+
 def test_a_cancelled_request_stops_taking_deltas_and_cancels_its_call():
     async def go():
         sink = OutputSink()
@@ -191,8 +212,8 @@ def test_sink_refuses_a_stream_without_its_secret(metadata):
     async def go():
         sink = OutputSink()
         await sink.start()
-        q = sink.open("r-0")
-        msg = pb.OutputBatch(deltas=[pb.TokenDelta(request_id="r-0", offset=0, token_ids=[7])]).SerializeToString()
+        key, q = sink.open()
+        msg = pb.OutputBatch(deltas=[pb.TokenDelta(key=key, offset=0, token_ids=[7])]).SerializeToString()
         try:
             with pytest.raises(grpc.RpcError) as e:
                 await asyncio.to_thread(_raw_stream, sink.address, metadata, [msg])
@@ -208,9 +229,9 @@ def test_sink_refuses_malformed_messages_and_keeps_serving():
     async def go():
         sink = OutputSink()
         await sink.start()
-        q = sink.open("r-0")
-        good = pb.OutputBatch(deltas=[pb.TokenDelta(request_id="r-0", offset=0, token_ids=[7, 8]),
-                                      pb.TokenDelta(request_id="unknown", offset=0, token_ids=[9])])
+        key, q = sink.open()
+        good = pb.OutputBatch(deltas=[pb.TokenDelta(key=key, offset=0, token_ids=[7, 8]),
+                                      pb.TokenDelta(key="r-0", offset=0, token_ids=[9])])  # not a key: dropped
         try:
             with pytest.raises(grpc.RpcError) as e:
                 await asyncio.to_thread(_raw_stream, sink.address, ((SECRET_HEADER, sink.secret),),
@@ -229,12 +250,13 @@ def test_pusher_sends_one_message_per_loop_turn():
     async def go():
         sink = OutputSink()
         await sink.start()
-        queues = [sink.open(f"r-{i}") for i in range(5)]
+        opened = [sink.open() for _ in range(5)]
+        queues = [q for _, q in opened]
         pusher = SinkPusher()
         spec = sink.spec()
         for turn in range(3):
             for i in range(5):
-                assert pusher.push(spec, f"r-{i}", turn, [10 * i + turn])
+                assert pusher.push(spec, opened[i][0], turn, [10 * i + turn])
             await asyncio.sleep(0.05)
         await pusher.close()
         for _ in range(100):
@@ -251,7 +273,8 @@ def test_pusher_sends_one_message_per_loop_turn():
 
 def test_spec_hides_the_secret_in_repr():
     spec = SinkSpec("127.0.0.1:1", "s3cret")
-    assert "s3cret" not in repr(spec) and SinkSpec.from_dict(spec.to_dict()) == spec
+    assert "s3cret" not in repr(spec) and SinkSpec.from_dict(spec.to_dict("k1")) == (spec, "k1")
+    assert SinkSpec.from_dict(None) is None
 
 
 def test_merge_passes_every_token_once_in_order():
