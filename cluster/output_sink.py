@@ -201,10 +201,13 @@ class _Conn:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the ingress went away or refused us: fall back to the Serve calls
-            self.broken_until = time.monotonic() + SinkPusher.RETRY_AFTER_S
-            log.warning("output sink %s unreachable (%s); sending deltas on the Serve calls for %.0f s",
-                        self.spec.address, _why(e), SinkPusher.RETRY_AFTER_S)
-            self._drop_stream()
+            self._broken(e)
+
+    def _broken(self, e: BaseException) -> None:
+        self.broken_until = time.monotonic() + SinkPusher.RETRY_AFTER_S
+        log.warning("output sink %s unreachable (%s); sending deltas on the Serve calls for %.0f s",
+                    self.spec.address, _why(e), SinkPusher.RETRY_AFTER_S)
+        self._drop_stream()
 
     def usable(self) -> bool:
         return time.monotonic() >= self.broken_until
@@ -217,7 +220,11 @@ class _Conn:
         if not self.usable():
             return  # lost: the requests' final items carry every token
         if self._call is None:
-            self._connect()
+            try:
+                self._connect()
+            except Exception as e:  # e.g. an address grpc cannot parse: same as unreachable
+                self._broken(e)
+                return
         elif self._outbox.qsize() >= MAX_BACKLOG:  # the ingress stopped reading: give up on this stream
             self.broken_until = time.monotonic() + SinkPusher.RETRY_AFTER_S
             log.warning("output sink %s is %d messages behind; sending deltas on the Serve calls for %.0f s",
