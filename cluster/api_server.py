@@ -53,13 +53,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from attention.async_engine import AsyncEngine, EngineFailed, QueueFull
 from attention.sequence import RequestError, RequestOutput, SamplingParams
 from attention.tokenizer import IncrementalDetokenizer, TextTokenizer
+from cluster.grpc_parse import MalformedMessage, tolerant_deserializer
 from moeyard.v1 import inference_pb2 as pb
 from moeyard.v1 import inference_pb2_grpc as pb_grpc
 
@@ -155,26 +155,6 @@ def engine_model_info(engine: Any) -> dict:
 
 class _InvalidRequest(Exception):
     """The request is malformed; the message names the field."""
-
-
-class _MalformedMessage:
-    """Stands in for a request whose bytes do not parse (see :func:`_tolerant_deserializer`)."""
-
-    def __init__(self, message: str):
-        self.message = message
-
-
-def _tolerant_deserializer(message_cls):
-    """``message_cls.FromString`` that returns a :class:`_MalformedMessage` instead of raising,
-    so the method answers INVALID_ARGUMENT (grpcio answers UNKNOWN when a deserializer raises)."""
-    name = message_cls.DESCRIPTOR.full_name
-
-    def deserialize(data: bytes):
-        try:
-            return message_cls.FromString(data)
-        except DecodeError as e:
-            return _MalformedMessage(f"the request is not a valid {name} message: {e}")
-    return deserialize
 
 
 @dataclass(frozen=True)
@@ -353,7 +333,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     # -- RPCs ---------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        if isinstance(request, _MalformedMessage):
+        if isinstance(request, MalformedMessage):
             await _abort(context, uuid.uuid4().hex, grpc.StatusCode.INVALID_ARGUMENT, request.message)
         rid = request.request_id or uuid.uuid4().hex
         if not _valid_request_id(rid):
@@ -429,7 +409,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext):
         rid = uuid.uuid4().hex
-        if isinstance(request, _MalformedMessage):
+        if isinstance(request, MalformedMessage):
             await _abort(context, rid, grpc.StatusCode.INVALID_ARGUMENT, request.message)
         context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
         try:
@@ -452,10 +432,10 @@ def add_inference_servicer(servicer: InferenceServicer, server: grpc.aio.Server)
     not a valid protobuf message (corrupt bytes, a string that is not UTF-8) is INVALID_ARGUMENT."""
     handlers = {
         "Generate": grpc.unary_stream_rpc_method_handler(
-            servicer.Generate, request_deserializer=_tolerant_deserializer(pb.GenerateRequest),
+            servicer.Generate, request_deserializer=tolerant_deserializer(pb.GenerateRequest),
             response_serializer=pb.GenerateResponse.SerializeToString),
         "ModelInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.ModelInfo, request_deserializer=_tolerant_deserializer(pb.ModelInfoRequest),
+            servicer.ModelInfo, request_deserializer=tolerant_deserializer(pb.ModelInfoRequest),
             response_serializer=pb.ModelInfoResponse.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

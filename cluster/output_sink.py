@@ -36,8 +36,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
-from google.protobuf.message import DecodeError
 
+from cluster.grpc_parse import MalformedMessage, tolerant_deserializer
 from moeyard.v1 import outputs_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 SERVICE = "moeyard.v1.OutputSink"
 METHOD = f"/{SERVICE}/Deliver"
 SECRET_HEADER = "x-moeyard-sink-secret"
+_parse = tolerant_deserializer(pb.OutputBatch, "message")
 MAX_BACKLOG = 256
 """Messages a replica queues for one sink before it declares the stream stuck."""
 
@@ -72,18 +73,6 @@ class Delta:
 
     offset: int
     token_ids: list[int]
-
-
-class _Malformed:
-    def __init__(self, message: str):
-        self.message = message
-
-
-def _parse(data: bytes):
-    try:
-        return pb.OutputBatch.FromString(data)
-    except DecodeError as e:
-        return _Malformed(f"the message is not a valid moeyard.v1.OutputBatch: {e}")
 
 
 class OutputSink:
@@ -153,7 +142,7 @@ class OutputSink:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"missing or wrong {SECRET_HEADER} metadata")
         n = 0
         async for batch in request_iterator:
-            if isinstance(batch, _Malformed):
+            if isinstance(batch, MalformedMessage):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, batch.message)
             n += 1
             self.batches += 1

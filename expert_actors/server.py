@@ -42,10 +42,10 @@ from pathlib import Path
 
 import grpc
 import torch
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cluster.checkpoint import CheckpointError, CheckpointReader
+from cluster.grpc_parse import MalformedMessage, tolerant_deserializer
 from cluster.spec import ModelSpec, load_spec
 from cluster.weight_names import expert_names
 from expert_actors.slots import AmbiguousSlot, ExpertSlots, SlotFull, SlotNotHeld
@@ -435,27 +435,9 @@ class _Servicer(pb_grpc.ExpertServiceServicer):
         return self._run(context, "Status", run)
 
 
-class _Malformed:
-    """Stands in for a request whose bytes do not parse."""
-
-    def __init__(self, message: str):
-        self.message = message
-
-
-def _tolerant_deserializer(message_cls):
-    name = message_cls.DESCRIPTOR.full_name
-
-    def deserialize(data: bytes):
-        try:
-            return message_cls.FromString(data)
-        except DecodeError as e:
-            return _Malformed(f"the request is not a valid {name} message: {e}")
-    return deserialize
-
-
 def _refusing_malformed(method):
     def call(request, context):
-        if isinstance(request, _Malformed):
+        if isinstance(request, MalformedMessage):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         return method(request, context)
     return call
@@ -468,7 +450,7 @@ def _add_servicer(servicer: _Servicer, server: grpc.Server) -> None:
     for m in pb.DESCRIPTOR.services_by_name["ExpertService"].methods:
         handlers[m.name] = grpc.unary_unary_rpc_method_handler(
             _refusing_malformed(getattr(servicer, m.name)),
-            request_deserializer=_tolerant_deserializer(getattr(pb, m.input_type.name)),
+            request_deserializer=tolerant_deserializer(getattr(pb, m.input_type.name)),
             response_serializer=getattr(pb, m.output_type.name).SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     if hasattr(server, "add_registered_method_handlers"):
