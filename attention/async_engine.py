@@ -18,8 +18,8 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from attention.engine import LLMEngine
-from attention.sequence import RequestError, RequestOutput, SamplingParams
+from moeyard.attention.engine import LLMEngine
+from moeyard.attention.sequence import RequestError, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 

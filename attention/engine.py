@@ -16,38 +16,26 @@ from pathlib import Path
 
 import torch
 
-from attention.block_manager import BlockManager
-from attention.kv_cache import KVCache, bytes_per_block
-from attention.layers import AttnMeta
-from attention.model_runner import ModelRunner
-from attention.overlap import OverlapMode, OverlapTuner, OverlapTunerConfig
-from attention.sampler import sample
-from attention.scheduler import SchedulerConfig, Scheduler
-from attention.sequence import RequestError, RequestOutput, SamplingParams, Sequence
-from attention.tokenizer import TextTokenizer, load_tokenizer
-from attention.weights import load_attention_weights
-from cluster.checkpoint import CheckpointReader
-from cluster.spec import ModelSpec, load_spec
-from router_service.dispatch import ExpertDispatcher
-from router_service.gate import GateConfig
-from router_service.moe_router import GateParams, MoERouter
-from router_service.placement import ExpertsUnavailable, Placement, round_robin_placement
-from router_service.transport import ExpertTransport, InProcessTransport
+from moeyard.attention.block_manager import BlockManager
+from moeyard.attention.kv_cache import KVCache, bytes_per_block
+from moeyard.attention.layers import AttnMeta
+from moeyard.attention.model_runner import ModelRunner
+from moeyard.attention.overlap import OverlapMode, OverlapTuner, OverlapTunerConfig
+from moeyard.attention.sampler import sample
+from moeyard.attention.scheduler import Scheduler, SchedulerConfig
+from moeyard.attention.sequence import RequestError, RequestOutput, SamplingParams, Sequence
+from moeyard.attention.tokenizer import TextTokenizer, load_tokenizer
+from moeyard.attention.weights import load_attention_weights
+from moeyard.model.checkpoint import CheckpointReader
+from moeyard.model.dtypes import resolve_dtype
+from moeyard.model.spec import ModelSpec, load_spec
+from moeyard.router_service.dispatch import ExpertDispatcher
+from moeyard.router_service.gate import GateConfig
+from moeyard.router_service.moe_router import GateParams, MoERouter
+from moeyard.router_service.placement import ExpertsUnavailable, Placement, round_robin_placement
+from moeyard.router_service.transport import ExpertTransport, InProcessTransport
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def resolve_dtype(name: str | None, spec: ModelSpec) -> torch.dtype:
-    """Compute dtype: explicit name, else the checkpoint's (fp16 checkpoints run in bf16 on CPU)."""
-    name = name or spec.torch_dtype
-    if name in ("float16", "fp16", "half"):
-        name = "bfloat16"
-    if name not in _DTYPES:
-        raise ValueError(f"unsupported dtype {name!r}; use float32 or bfloat16")
-    return _DTYPES[name]
-
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -67,7 +55,7 @@ class EngineConfig:
     other's expert round trip (useful with a remote transport)."""
     overlap_mode: OverlapMode = "adaptive"
     """With ``overlap``: ``adaptive`` splits a step only where measured splits ran faster
-    (:mod:`attention.overlap`); ``always`` splits every step of two sequences or more."""
+    (:mod:`moeyard.attention.overlap`); ``always`` splits every step of two sequences or more."""
     expert_restart_wait_s: float = 0.0
     """With a remote transport: how long a step waits for a dead shard to come back when
     some expert it held has no other copy (0: fail the requests routed to it at once)."""
@@ -76,7 +64,7 @@ class EngineConfig:
 def build_local_experts(model_dir: str | Path, spec: ModelSpec, placement: Placement, dtype: torch.dtype,
                         reader: CheckpointReader | None = None) -> InProcessTransport:
     """Load every shard of ``placement`` into this process (the in-process transport)."""
-    from expert_actors.slots import ExpertSlots
+    from moeyard.expert_actors.slots import ExpertSlots
 
     reader = reader or CheckpointReader(model_dir)
     shards = {}
@@ -96,7 +84,7 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.spec = spec = load_spec(model_dir)
-        self.dtype = resolve_dtype(config.dtype, spec)
+        self.dtype = resolve_dtype(config.dtype, spec.torch_dtype)
         self.reader = CheckpointReader(model_dir)
         weights = load_attention_weights(self.reader, spec, self.dtype)
         self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attention.kv_cache import KVCache
-from attention.rope import RotaryEmbedding, yarn_mscale
-from attention.weights import GQAWeights, MLAWeights
-from cluster.spec import ModelSpec
-from expert_actors.expert_compute import linear_rows
+from moeyard.attention.kv_cache import KVCache
+from moeyard.attention.rope import RotaryEmbedding, yarn_mscale
+from moeyard.attention.weights import GQAWeights, MLAWeights
+from moeyard.model.ffn import linear_rows
+from moeyard.model.spec import ModelSpec
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

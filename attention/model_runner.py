@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from attention.kv_cache import KVCache
-from attention.layers import AttnMeta, gqa_attention, mla_attention, rms_norm
-from attention.rope import RotaryEmbedding
-from attention.weights import AttentionModelWeights, FFNWeights
-from cluster.spec import ModelSpec
-from expert_actors.expert_compute import linear_rows, swiglu
-from router_service.moe_router import MoERouter
-from router_service.placement import ExpertsUnavailable
+from moeyard.attention.kv_cache import KVCache
+from moeyard.attention.layers import AttnMeta, gqa_attention, mla_attention, rms_norm
+from moeyard.attention.rope import RotaryEmbedding
+from moeyard.attention.weights import AttentionModelWeights, FFNWeights
+from moeyard.model.ffn import linear_rows, swiglu
+from moeyard.model.spec import ModelSpec
+from moeyard.router_service.moe_router import MoERouter
+from moeyard.router_service.placement import ExpertsUnavailable
 
 
 def _mlp(x: torch.Tensor, w: FFNWeights) -> torch.Tensor:

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from cluster.spec import RopeSpec
+from moeyard.model.spec import RopeSpec
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

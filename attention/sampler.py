@@ -6,7 +6,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from attention.sequence import Sequence
+from moeyard.attention.sequence import Sequence
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

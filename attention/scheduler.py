@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from attention.block_manager import BlockManager
-from attention.sequence import RequestError, Sequence, SeqStatus
+from moeyard.attention.block_manager import BlockManager
+from moeyard.attention.sequence import RequestError, SeqStatus, Sequence
 
 
 @dataclass(frozen=True)

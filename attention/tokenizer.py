@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from attention.sequence import RequestError
+from moeyard.attention.sequence import RequestError
 
 
 class TextTokenizer:

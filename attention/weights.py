@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.checkpoint import CheckpointReader
-from cluster.spec import ModelSpec
-from cluster.weight_names import (
+from moeyard.model.checkpoint import CheckpointReader
+from moeyard.model.spec import ModelSpec
+from moeyard.model.weight_names import (
     FFNNames,
     correction_bias_name,
     dense_mlp_names,
@@ -155,7 +155,8 @@ def load_attention_weights(reader: CheckpointReader, spec: ModelSpec, dtype: tor
             moe = MoEGateWeights(
                 router=reader.get(router_weight_name(spec.family, layer), (m.num_experts, d), dtype),
                 correction_bias=bias, shared=shared,
-                shared_gate=reader.get(shared_expert_gate_name(layer), (1, d), dtype) if m.shared_expert_gated else None)
+                shared_gate=(reader.get(shared_expert_gate_name(layer), (1, d), dtype)
+                             if m.shared_expert_gated else None))
         else:
             mlp = _ffn(reader, dense_mlp_names(layer), d, spec.dense_intermediate_size, dtype)
         layers.append(LayerWeights(

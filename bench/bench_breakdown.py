@@ -45,16 +45,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import ray
 
-    import attention.model_runner as mr
-    import router_service.dispatch as dispatch
-    import router_service.grpc_transport as gt
-    import router_service.moe_router as moe_router
-    from attention.engine import EngineConfig, LLMEngine
-    from attention.sequence import SamplingParams
+    import moeyard.attention.model_runner as mr
+    import moeyard.router_service.dispatch as dispatch
+    import moeyard.router_service.grpc_transport as gt
+    import moeyard.router_service.moe_router as moe_router
     from bench.common import ensure_bench_model, workload
-    from cluster.spec import load_spec
-    from expert_actors.shard_actor import create_shard_actor
-    from router_service.placement import round_robin_placement
+    from moeyard.attention.engine import EngineConfig, LLMEngine
+    from moeyard.attention.sequence import SamplingParams
+    from moeyard.cluster.serving.shard_actor import create_shard_actor
+    from moeyard.model.spec import load_spec
+    from moeyard.router_service.placement import round_robin_placement
 
     torch.set_num_threads(1)
     path = ensure_bench_model()

@@ -30,7 +30,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def _engine_run(engine, prompts, n_new):
-    from attention.sequence import SamplingParams
+    from moeyard.attention.sequence import SamplingParams
 
     params = SamplingParams(max_tokens=n_new, ignore_eos=True)
     for i, p in enumerate(prompts):
@@ -92,9 +92,9 @@ def main(argv=None) -> int:
     import ray
     from ray import serve
 
-    from attention.engine import EngineConfig, LLMEngine
-    from cluster.config import ClusterConfig, EngineSettings
-    from cluster.serve_app import APP_NAME, build_app
+    from moeyard.attention.engine import EngineConfig, LLMEngine
+    from moeyard.cluster.config import ClusterConfig, EngineSettings
+    from moeyard.cluster.serving.app import APP_NAME, build_app
 
     path = ensure_bench_model()
     batches = [int(x) for x in args.batches.split(",")]
@@ -106,7 +106,8 @@ def main(argv=None) -> int:
                "c_cluster_overlap_always": {}}
     for b in batches:
         _engine_run(engine, prompts_all[:b], 2)  # warm-up
-        results["a_in_process"][b] = _measure(lambda p, n: _engine_run(engine, p, n), prompts_all[:b], args.new_tokens,
+        results["a_in_process"][b] = _measure(lambda p, n, engine=engine: _engine_run(engine, p, n), prompts_all[:b],
+                                               args.new_tokens,
                                                meter)
         print("in-process", b, results["a_in_process"][b], flush=True)
     del engine

@@ -37,20 +37,20 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import timed
-from cluster.autoscaler_metrics import AutoscalerMetrics
-from cluster.dashboard.collect import DashboardSource
-from cluster.dashboard.prom import ClusterCollector
-from cluster.dashboard.render import render_panels
-from cluster.dashboard.settings import DashboardSettings
-from cluster.dashboard.state import Economics
-from cluster.load_store import LoadFlusher
-from cluster.placement_store import Event, push_event, write_placement
-from cluster.redis_conn import connect
-from cluster.redis_server import LocalRedis
-from cluster.replica_metrics import ReplicaMetrics, RequestTimer
-from cluster.telemetry import publish
-from router_service.load_recorder import LoadRecorder
-from router_service.placement import Placement
+from moeyard.cluster.control.autoscaler_metrics import AutoscalerMetrics
+from moeyard.cluster.control.load_store import LoadFlusher
+from moeyard.cluster.control.placement_store import Event, push_event, write_placement
+from moeyard.cluster.dashboard.collect import DashboardSource
+from moeyard.cluster.dashboard.prom import ClusterCollector
+from moeyard.cluster.dashboard.render import render_panels
+from moeyard.cluster.infra.redis_conn import connect
+from moeyard.cluster.infra.redis_server import LocalRedis
+from moeyard.cluster.infra.telemetry import publish
+from moeyard.cluster.serving.replica_metrics import ReplicaMetrics, RequestTimer
+from moeyard.cluster.settings.dashboard import DashboardSettings
+from moeyard.model.economics import Economics
+from moeyard.router_service.load_recorder import LoadRecorder
+from moeyard.router_service.placement import Placement
 
 LOOKBACK_S = 300.0
 TTL_S = 3600  # telemetry outlives the bench (the default 15 s would expire between phases)

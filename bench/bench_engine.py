@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoModelForCausalLM
 
-    from attention.engine import EngineConfig, LLMEngine
-    from attention.sequence import SamplingParams
+    from moeyard.attention.engine import EngineConfig, LLMEngine
+    from moeyard.attention.sequence import SamplingParams
 
     path = ensure_bench_model()
     prompts = workload()

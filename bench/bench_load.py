@@ -3,9 +3,9 @@
     .venv/bin/python -m bench.bench_load [--streams 256] [--storms 2] [--replicas 1] [--waves 2] [--json]
 
 Starts the whole stack on loopback, in this process's own local Ray (``ray.init(address="local")``,
-never ``ray start``): a real ``redis-server`` (:class:`cluster.redis_server.LocalRedis`, so load
+never ``ray start``): a real ``redis-server`` (:class:`moeyard.cluster.infra.redis_server.LocalRedis`, so load
 statistics, telemetry and the dashboard run), then the Serve application the way ``moeyard up``
-deploys it (:func:`cluster.local_cluster.deploy`) with a small mixtral (2 layers, hidden 128,
+deploys it (:func:`moeyard.cluster.cli.local_cluster.deploy`) with a small mixtral (2 layers, hidden 128,
 8 experts, top-2, vocab 512, bf16; ``--model DIR`` for another), 2 expert shards, ``--replicas``
 attention replicas and a deliberately small admission bound (``--max-num-seqs 32
 --max-waiting 64``: per replica at most 32 running and 64 waiting requests, beyond that
@@ -527,7 +527,7 @@ async def client_phases(args, addr: str, token: str, dashboard: str | None, samp
         out["redis_used_mib_end"] = await asyncio.to_thread(redis_used_mib, redis_info)
         server_after = await asyncio.to_thread(server_counts, dashboard, token)
         out["server_counts_after_warmup"] = diff_counts(server_before, server_after)
-        from cluster.serve_app import APP_NAME
+        from moeyard.cluster.serving.app import APP_NAME
 
         out["replica_stats_end"] = await asyncio.to_thread(replica_stats, APP_NAME)
     finally:
@@ -672,14 +672,15 @@ def _run(args) -> dict:
     ray_started = False
     result: dict = {}
     try:
-        from cluster.config import ClusterConfig, EngineSettings
-        from cluster.local_cluster import deploy, ensure_token, logical_cpus
-        from cluster.redis_server import LocalRedis
+        from moeyard.cluster.cli.local_cluster import deploy, ensure_token, logical_cpus
+        from moeyard.cluster.config import ClusterConfig, EngineSettings
+        from moeyard.cluster.infra.redis_server import LocalRedis
 
         if args.model:
             model_dir, model_desc = Path(args.model), args.model
         else:
-            from cluster.make_model import MakeModelOptions, make_model
+            from moeyard.model.make_model import make_model
+            from moeyard.model.make_model_options import MakeModelOptions
 
             model_dir = work / "model"
             make_model(MakeModelOptions(**SMALL_MODEL), model_dir)
@@ -742,7 +743,7 @@ def _teardown() -> None:
     import ray
     from ray import serve
 
-    from cluster.serve_app import APP_NAME
+    from moeyard.cluster.serving.app import APP_NAME
 
     ns = "moeyard"
     try:

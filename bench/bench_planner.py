@@ -18,9 +18,9 @@ import time
 import numpy as np
 import torch
 
-from router_service.synthetic_load import zipf_load
-from router_service.placement import round_robin_placement
-from router_service.planner import count_moves, greedy_baseline, min_balancedness, plan_placement
+from bench.synthetic_load import zipf_load
+from moeyard.router_service.placement import round_robin_placement
+from moeyard.router_service.planner import count_moves, greedy_baseline, min_balancedness, plan_placement
 
 
 def main(argv=None) -> int:

@@ -51,19 +51,19 @@ def main(argv=None) -> int:
 
     import ray
 
-    from attention.engine import EngineConfig, LLMEngine
-    from attention.sequence import SamplingParams
-    from cluster.autoscaler import RedisPublisher
-    from cluster.migration import GrpcShardControl, Migrator
-    from cluster.placement_store import write_placement
-    from cluster.redis_server import LocalRedis
-    from cluster.spec import load_spec
-    from expert_actors.shard_actor import create_shard_actor
-    from router_service.grpc_transport import GrpcTransport
-    from router_service.placement import round_robin_placement
-    from router_service.placement_follower import PlacementFollower
-    from router_service.planner import min_balancedness, plan_placement
-    from router_service.synthetic_load import zipf_load
+    from bench.synthetic_load import zipf_load
+    from moeyard.attention.engine import EngineConfig, LLMEngine
+    from moeyard.attention.sequence import SamplingParams
+    from moeyard.cluster.control.autoscaler import RedisPublisher
+    from moeyard.cluster.control.migration import GrpcShardControl, Migrator
+    from moeyard.cluster.control.placement_follower import PlacementFollower
+    from moeyard.cluster.control.placement_store import write_placement
+    from moeyard.cluster.infra.redis_server import LocalRedis
+    from moeyard.cluster.serving.shard_actor import create_shard_actor
+    from moeyard.model.spec import load_spec
+    from moeyard.router_service.grpc_transport import GrpcTransport
+    from moeyard.router_service.placement import round_robin_placement
+    from moeyard.router_service.planner import min_balancedness, plan_placement
 
     torch.set_num_threads(args.threads)
     model = ensure_bench_model()
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
 
     reference, _, _ = decode_run(96)
     results = []
-    from router_service.placement import Placement
+    from moeyard.router_service.placement import Placement
 
     for i in range(args.repeats):  # there and back again: every repeat moves the same slots
         dest = Placement((target if i % 2 == 0 else static).phy2log, N)

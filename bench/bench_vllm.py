@@ -195,9 +195,9 @@ NAMES = {"ours": "ours", "vllm": "vLLM", "transformers": "transformers"}
 def run_throughput(args) -> int:
     import torch
 
-    from attention.engine import EngineConfig, LLMEngine
-    from attention.sequence import SamplingParams
     from bench.common import batch_groups, ensure_bench_model, workload
+    from moeyard.attention.engine import EngineConfig, LLMEngine
+    from moeyard.attention.sequence import SamplingParams
 
     torch.set_num_threads(args.threads)
     path = Path(args.model) if args.model else ensure_bench_model()
@@ -313,9 +313,10 @@ def run_throughput(args) -> int:
 def run_check_tokens(args) -> int:
     import torch
 
-    from attention.engine import EngineConfig, LLMEngine
-    from attention.sequence import SamplingParams
-    from cluster.make_model import MakeModelOptions, make_model
+    from moeyard.attention.engine import EngineConfig, LLMEngine
+    from moeyard.attention.sequence import SamplingParams
+    from moeyard.model.make_model import make_model
+    from moeyard.model.make_model_options import MakeModelOptions
 
     torch.set_num_threads(args.threads)
     root = Path(args.models_dir) if args.models_dir else Path(tempfile.mkdtemp(prefix="moeyard-vllm-check-"))

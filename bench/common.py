@@ -15,7 +15,8 @@ DEFAULT_BENCH_DIR = Path.home() / ".moeyard" / "models" / "bench-mixtral"
 
 def ensure_bench_model(path: Path = DEFAULT_BENCH_DIR) -> Path:
     """Write the bench model once (``make-model`` with BENCH_MODEL_ARGS)."""
-    from cluster.make_model import MakeModelOptions, make_model
+    from moeyard.model.make_model import make_model
+    from moeyard.model.make_model_options import MakeModelOptions
 
     if not (path / "config.json").is_file():
         make_model(MakeModelOptions(**BENCH_MODEL_ARGS), path)

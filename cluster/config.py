@@ -15,11 +15,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cluster.autoscale_policy import AutoscalerSettings
-from cluster.dashboard.settings import DashboardSettings
-from cluster.k8s.settings import KubernetesSettings
-from cluster.redis_conn import RedisSettings
-from cluster.tls import TLSSettings
+from moeyard.cluster.settings.autoscaler import AutoscalerSettings
+from moeyard.cluster.settings.dashboard import DashboardSettings
+from moeyard.cluster.settings.kubernetes import KubernetesSettings
+from moeyard.cluster.settings.redis import RedisSettings
+from moeyard.cluster.settings.tls import TLSSettings
 
 MOEYARD_HOME = Path.home() / ".moeyard"
 DEMO_MODEL_DIR = MOEYARD_HOME / "models" / "demo-mixtral"
@@ -41,7 +41,7 @@ class EngineSettings(BaseModel):
 
 class RayResources(BaseModel):
     """Custom Ray resources that pin each kind of process to its node group (on Kubernetes, every
-    group's pods advertise theirs: see ``cluster.k8s``). ``None`` = anywhere (one machine)."""
+    group's pods advertise theirs: see ``moeyard.cluster.k8s``). ``None`` = anywhere (one machine)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -84,7 +84,7 @@ class ClusterConfig(BaseModel):
                                 "step of two sequences or more")
     output_sink: bool = Field(
         True, description="replicas send per-step token deltas to the API ingress batched on one gRPC stream "
-                          "per replica (cluster/output_sink.py) instead of one Ray stream item per request "
+                          "per replica (cluster/serving/output_sink.py) instead of one Ray stream item per request "
                           "per step")
     wire_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     torch_threads: int = Field(1, ge=1, description="torch threads per process (shards and replicas)")

@@ -1,7 +1,7 @@
 """The gRPC server of one expert shard (``moeyard.v1.ExpertService``).
 
 An :class:`ExpertServer` holds the expert weights of one shard
-(:class:`~expert_actors.slots.ExpertSlots`), reads only its own experts from
+(:class:`~moeyard.expert_actors.slots.ExpertSlots`), reads only its own experts from
 the checkpoint, and answers:
 
 - ``Compute``: the grouped SwiGLU for one MoE layer's tokens, grouped by slot;
@@ -14,17 +14,17 @@ the checkpoint, and answers:
 Every error becomes a status code with a message that names the problem
 (``NOT_FOUND`` for a slot that does not hold the expert the router named — its
 placement epoch is stale — or a slot the shard does not hold,
-``INVALID_ARGUMENT`` for a malformed request, ``FAILED_PRECONDITION`` for a
-checkpoint that lacks a tensor, a legacy request that names no expert for a
-slot holding two copies, or a third copy staged into one slot, ``INTERNAL``
-for anything else); no request can kill the server.
+``INVALID_ARGUMENT`` for a malformed request, among them one that does not name
+the expert it expects in every slot, ``FAILED_PRECONDITION`` for a checkpoint
+that lacks a tensor or a third copy staged into one slot, ``INTERNAL`` for
+anything else); no request can kill the server.
 
 Threading: requests are decoded and encoded on gRPC's worker threads in
 parallel. Grouped FFNs hold one compute lock (compute calls on one shard would
 only compete for the same cores). Slot changes never take it: checkpoint
 reads happen first, then, under an admin lock that serialises loads and
 unloads, the layer's new stacked weights are built aside and swapped in with
-one reference assignment (:class:`~expert_actors.slots.ExpertSlots`). A compute
+one reference assignment (:class:`~moeyard.expert_actors.slots.ExpertSlots`). A compute
 runs on the table snapshot it looked up, so it neither waits for a load nor
 sees half of one.
 """
@@ -44,41 +44,25 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from cluster.checkpoint import CheckpointError, CheckpointReader
-from cluster.grpc_parse import MalformedMessage, tolerant_deserializer
-from cluster.spec import ModelSpec, load_spec
-from cluster.weight_names import expert_names
-from expert_actors.slots import AmbiguousSlot, ExpertSlots, SlotFull, SlotNotHeld
-from expert_actors.wire import WIRE_DTYPES, dtype_name, tensor_from_proto, tensor_to_proto
+from moeyard.expert_actors.slots import ExpertSlots, SlotFull, SlotNotHeld
+from moeyard.expert_actors.wire import dtype_name, tensor_from_proto, tensor_to_proto
+from moeyard.model.checkpoint import CheckpointError, CheckpointReader
+from moeyard.model.dtypes import resolve_dtype
+from moeyard.model.spec import ModelSpec, load_spec
+from moeyard.model.weight_names import expert_names
+from moeyard.rpc import (
+    EXPERT_MAX_MESSAGE_BYTES,
+    EXPERT_SERVICE,
+    MalformedMessage,
+    advertised_host,
+    grpc_options,
+    host_port,
+    tolerant_deserializer,
+)
 from moeyard.v1 import expert_pb2 as pb
 from moeyard.v1 import expert_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAME = "moeyard.v1.ExpertService"
-MAX_MESSAGE_BYTES = 256 << 20
-"""Send/receive limit on both ends: the largest batch (e.g. 2048 tokens x top-8 x 7168 x fp32 = 470 MB
-would not fit; 2048 x 2 x 7168 x 4 = 117 MB does). Raise it with ``max_message_bytes`` if needed."""
-
-_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "float": "float32"}
-
-
-def grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """Channel/server options shared by both ends (message size limits)."""
-    return [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)]
-
-
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in WIRE_DTYPES.values():
-            raise ValueError(f"unsupported expert dtype {dtype}; use float32 or bfloat16")
-        return dtype
-    name = _DTYPE_ALIASES.get(dtype, dtype)
-    if name not in WIRE_DTYPES:
-        raise ValueError(f"unsupported expert dtype {dtype!r}; use float32 or bfloat16")
-    return WIRE_DTYPES[name]
-
 
 def rss_bytes() -> int:
     """Resident set size of this process (peak RSS where /proc is missing)."""
@@ -128,7 +112,7 @@ class ExpertServer:
     def __init__(self, shard_id: int, spec: ModelSpec | None, model_dir: str | Path, dtype: torch.dtype | str,
                  assignments: Mapping[int, Iterable[tuple[int, int]]] | None = None, host: str = "127.0.0.1",
                  port: int = 0, num_threads: int | None = None, server_credentials=None, *,
-                 max_workers: int = 8, max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 max_workers: int = 8, max_message_bytes: int = EXPERT_MAX_MESSAGE_BYTES,
                  advertise_host: str | None = None):
         self.shard_id = int(shard_id)
         self.model_dir = Path(model_dir)
@@ -163,7 +147,7 @@ class ExpertServer:
                                    options=grpc_options(max_message_bytes))
         _add_servicer(_Servicer(self), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        bind = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+        bind = host_port(host, port)
         if server_credentials is not None:
             self.port = self._server.add_secure_port(bind, server_credentials)
         else:
@@ -171,13 +155,10 @@ class ExpertServer:
         if not self.port:
             raise RuntimeError(f"expert shard {shard_id} could not bind {bind}")
         self.host = host
-        adv = advertise_host or host
-        if adv in ("0.0.0.0", "::", "[::]", ""):
-            adv = _node_ip()
-        self.address = f"[{adv}]:{self.port}" if ":" in adv and not adv.startswith("[") else f"{adv}:{self.port}"
+        self.address = host_port(advertised_host(host, advertise_host), self.port)
         self._server.start()
         self._stopped = False
-        for service in ("", SERVICE_NAME):
+        for service in ("", EXPERT_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("shard %d serving on %s", self.shard_id, self.address)
 
@@ -238,24 +219,24 @@ class ExpertServer:
         return self.slots.unload_layers(by_layer)
 
     def compute(self, moe_layer: int, slot_ids: list[int], counts: list[int], x: torch.Tensor,
-                epoch: int = -1, experts: list[int] | None = None) -> tuple[torch.Tensor, float]:
+                epoch: int, experts: list[int]) -> tuple[torch.Tensor, float]:
         """Validate and run one grouped FFN; returns (``[N, D]`` in ``x``'s dtype, compute seconds).
 
-        ``experts[i]`` is the logical expert the router expects in ``slot_ids[i]``
-        (``None``/empty: legacy, each slot's only copy).
+        ``experts[i]`` is the logical expert the router expects in ``slot_ids[i]`` (its placement's
+        ``phy2log``); a slot that holds another one answers NOT_FOUND (the router's epoch is stale).
         """
         self._check_layer(moe_layer)
         bad = grpc.StatusCode.INVALID_ARGUMENT
         if len(slot_ids) != len(counts):
             raise RequestError(bad, f"slot_ids has {len(slot_ids)} entries but counts has {len(counts)}")
-        experts = list(experts) if experts else None
-        if experts is not None:
-            if len(experts) != len(slot_ids):
-                raise RequestError(bad, f"experts has {len(experts)} entries but slot_ids has {len(slot_ids)}")
-            num_experts = self.spec.moe.num_experts
-            wrong = [e for e in experts if not 0 <= e < num_experts]
-            if wrong:
-                raise RequestError(bad, f"logical expert {wrong[0]} out of range [0, {num_experts})")
+        experts = list(experts)
+        if len(experts) != len(slot_ids):
+            raise RequestError(bad, f"experts has {len(experts)} entries but slot_ids has {len(slot_ids)} "
+                                    "(name the logical expert expected in each slot)")
+        num_experts = self.spec.moe.num_experts
+        wrong = [e for e in experts if not 0 <= e < num_experts]
+        if wrong:
+            raise RequestError(bad, f"logical expert {wrong[0]} out of range [0, {num_experts})")
         if any(c < 0 for c in counts):
             raise RequestError(bad, f"counts must be non-negative, got {counts}")
         negative = [s for s in slot_ids if s < 0]
@@ -272,9 +253,6 @@ class ExpertServer:
                 table.rows(slot_ids, experts)
             except SlotNotHeld as e:
                 raise RequestError(grpc.StatusCode.NOT_FOUND, self._not_held_message(e, epoch)) from None
-            except AmbiguousSlot as e:
-                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                                   f"{e} (ComputeRequest.experts; router placement epoch {epoch})") from None
             t0 = time.perf_counter()
             if x.shape[0] == 0:
                 out = torch.empty(0, d, dtype=x.dtype)
@@ -291,11 +269,12 @@ class ExpertServer:
         return out, dt
 
     def _not_held_message(self, e: SlotNotHeld, epoch: int) -> str:
-        if e.expert is None:  # legacy request: the slot holds nothing
-            return f"slot {e.slot} of MoE layer {e.moe_layer} is not loaded on shard {self.shard_id}"
-        why = "is stale" if e.held else f"is stale, or shard {self.shard_id} lost its slots (restart)"
+        if not e.held:
+            return (f"slot {e.slot} of MoE layer {e.moe_layer} is not loaded on shard {self.shard_id}, not expert "
+                    f"{e.expert} (router placement epoch {epoch} is stale, or shard {self.shard_id} lost its slots "
+                    "(restart))")
         return (f"slot {e.slot} of MoE layer {e.moe_layer} holds expert(s) {e.held}, not {e.expert} "
-                f"(router placement epoch {epoch} {why})")
+                f"(router placement epoch {epoch} is stale)")
 
     def admin(self, fn):
         """Run a load/unload on the shard's background thread, which runs at a lower CPU priority
@@ -353,22 +332,6 @@ def _lower_priority() -> None:
         pass
 
 
-def _node_ip() -> str:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.util.get_node_ip_address()
-    except Exception:  # pragma: no cover - ray missing or not connected
-        pass
-    import socket
-
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
-
-
 class _Servicer(pb_grpc.ExpertServiceServicer):
     """Maps requests to :class:`ExpertServer` calls and errors to status codes."""
 
@@ -384,8 +347,6 @@ class _Servicer(pb_grpc.ExpertServiceServicer):
             code, msg = grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except KeyError as e:
             code, msg = grpc.StatusCode.NOT_FOUND, str(e.args[0]) if e.args else repr(e)
-        except AmbiguousSlot as e:
-            code, msg = grpc.StatusCode.FAILED_PRECONDITION, str(e)
         except Exception as e:  # never let a request take the server down
             log.exception("shard %d: %s failed", self.s.shard_id, method)
             code, msg = grpc.StatusCode.INTERNAL, f"{method} failed on shard {self.s.shard_id}: {e!r}"
@@ -452,15 +413,6 @@ def _add_servicer(servicer: _Servicer, server: grpc.Server) -> None:
             _refusing_malformed(getattr(servicer, m.name)),
             request_deserializer=tolerant_deserializer(getattr(pb, m.input_type.name)),
             response_serializer=getattr(pb, m.output_type.name).SerializeToString)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(EXPERT_SERVICE, handlers),))
     if hasattr(server, "add_registered_method_handlers"):
-        server.add_registered_method_handlers(SERVICE_NAME, handlers)
-
-
-def status_to_dict(resp: pb.StatusResponse) -> dict:
-    """A Status reply in the shape of :meth:`ExpertServer.status`."""
-    return dict(shard_id=resp.shard_id, address=resp.address, pid=resp.pid, dtype=resp.dtype,
-                slots={ls.moe_layer: list(zip(ls.slot_ids, ls.experts)) for ls in resp.layers},
-                weight_bytes=resp.weight_bytes, rss_bytes=resp.rss_bytes, num_threads=resp.num_threads,
-                requests=resp.requests, tokens=resp.tokens, compute_seconds=resp.compute_seconds,
-                last_epoch=resp.last_epoch)
+        server.add_registered_method_handlers(EXPERT_SERVICE, handlers)

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cluster.checkpoint import CheckpointReader
-from cluster.spec import ModelSpec
-from cluster.weight_names import expert_names
-from expert_actors.expert_compute import grouped_swiglu
+from moeyard.model.checkpoint import CheckpointReader
+from moeyard.model.ffn import grouped_swiglu
+from moeyard.model.spec import ModelSpec
+from moeyard.model.weight_names import expert_names
 
 MAX_COPIES_PER_SLOT = 2
 """A slot holds one expert, or two during a staged migration."""
@@ -37,13 +37,12 @@ MAX_COPIES_PER_SLOT = 2
 class SlotNotHeld(KeyError):
     """A slot does not hold the expert asked for (or nothing at all).
 
-    ``expert`` is ``None`` for a request that named no expert; ``held`` lists
-    the experts the slot holds (empty: the slot is not loaded).
+    ``held`` lists the experts the slot holds (empty: the slot is not loaded).
     """
 
-    def __init__(self, moe_layer: int, slot: int, expert: int | None, held: Sequence[int]):
+    def __init__(self, moe_layer: int, slot: int, expert: int, held: Sequence[int]):
         self.moe_layer, self.slot, self.expert, self.held = moe_layer, slot, expert, list(held)
-        if expert is None or not self.held:
+        if not self.held:
             msg = f"slot {slot} of MoE layer {moe_layer} is not loaded on this shard"
         else:
             msg = f"slot {slot} of MoE layer {moe_layer} holds expert(s) {self.held}, not {expert}"
@@ -54,18 +53,6 @@ class SlotNotHeld(KeyError):
 
     def __reduce__(self):
         return (type(self), (self.moe_layer, self.slot, self.expert, self.held))
-
-
-class AmbiguousSlot(LookupError):
-    """A request named no expert for a slot holding two copies (a migration in progress)."""
-
-    def __init__(self, moe_layer: int, slot: int, held: Sequence[int]):
-        self.moe_layer, self.slot, self.held = moe_layer, slot, list(held)
-        super().__init__(f"slot {slot} of MoE layer {moe_layer} holds experts {self.held} (a migration is in "
-                         f"progress): the router must name the expert it expects in each slot")
-
-    def __reduce__(self):
-        return (type(self), (self.moe_layer, self.slot, self.held))
 
 
 class SlotFull(ValueError):
@@ -119,30 +106,19 @@ class SlotTable:
             return 0
         return sum(t.numel() * t.element_size() for t in (*self.w13, *self.w2))
 
-    def rows(self, slot_ids: Sequence[int], experts: Sequence[int] | None = None) -> list[int]:
-        """Stack rows for ``slot_ids`` (holding ``experts[i]`` when given).
+    def rows(self, slot_ids: Sequence[int], experts: Sequence[int]) -> list[int]:
+        """Stack rows for ``slot_ids``, slot ``slot_ids[i]`` holding logical expert ``experts[i]``.
 
-        Raises :class:`SlotNotHeld` for a slot that does not hold the expert
-        asked for (or nothing), :class:`AmbiguousSlot` when ``experts`` is not
-        given and a slot holds two copies.
+        Raises :class:`SlotNotHeld` for a slot that does not hold the expert asked for.
         """
+        if len(experts) != len(slot_ids):
+            raise ValueError(f"experts has {len(experts)} entries but slot_ids has {len(slot_ids)}")
         out = []
-        if experts:
-            if len(experts) != len(slot_ids):
-                raise ValueError(f"experts has {len(experts)} entries but slot_ids has {len(slot_ids)}")
-            for s, e in zip(slot_ids, experts):
-                entry = self.entries.get((s, e))
-                if entry is None:
-                    raise SlotNotHeld(self.moe_layer, s, e, self.held.get(s, ()))
-                out.append(entry[0])
-            return out
-        for s in slot_ids:
-            held = self.held.get(s)
-            if not held:
-                raise SlotNotHeld(self.moe_layer, s, None, ())
-            if len(held) > 1:
-                raise AmbiguousSlot(self.moe_layer, s, held)
-            out.append(self.entries[(s, held[0])][0])
+        for s, e in zip(slot_ids, experts):
+            entry = self.entries.get((s, e))
+            if entry is None:
+                raise SlotNotHeld(self.moe_layer, s, e, self.held.get(s, ()))
+            out.append(entry[0])
         return out
 
 
@@ -291,18 +267,17 @@ class ExpertSlots:
 
     # -- computing ----------------------------------------------------------------------
     def compute(self, moe_layer: int, slot_ids: list[int], counts: list[int], x: torch.Tensor,
-                experts: Sequence[int] | None = None, *, table: SlotTable | None = None) -> torch.Tensor:
+                experts: Sequence[int], *, table: SlotTable | None = None) -> torch.Tensor:
         """Run the grouped FFN for tokens grouped by slot.
 
         Args:
             slot_ids: ``[S']`` global slot ids present in this batch, ascending.
             counts: ``[S']`` rows of ``x`` per slot.
             x: ``[N, D]`` tokens sorted by slot.
-            experts: ``[S']`` the logical expert expected in each slot (``None``
-                or empty: each slot's only copy).
+            experts: ``[S']`` the logical expert expected in each slot.
             table: the snapshot to use (default: the current one).
-        Returns ``[N, D]``. Raises :class:`SlotNotHeld` (a ``KeyError``) or
-        :class:`AmbiguousSlot` (see :meth:`SlotTable.rows`).
+        Returns ``[N, D]``. Raises :class:`SlotNotHeld` (a ``KeyError``, see
+        :meth:`SlotTable.rows`).
         """
         table = self._tables[moe_layer] if table is None else table
         local = table.rows(slot_ids, experts)

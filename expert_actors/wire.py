@@ -12,6 +12,7 @@ copy them, convert them, but do not modify them in place.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -23,13 +24,17 @@ from moeyard.v1 import expert_pb2 as pb
 WIRE_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _NAMES: dict[torch.dtype, str] = {v: k for k, v in WIRE_DTYPES.items()}
 
-# torch.frombuffer warns once per process (TORCH_WARN_ONCE) that a bytes object
-# is read-only; that is the point of the zero-copy decode, and decoded tensors
-# are never written to in place. Spend that one warning here, silenced, without
-# touching the global warning filters.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    torch.frombuffer(b"\0\0\0\0", dtype=torch.float32)
+
+
+@functools.cache
+def _spend_frombuffer_warning() -> None:
+    """torch.frombuffer warns once per process (TORCH_WARN_ONCE) that a bytes object is read-only;
+    that is the point of the zero-copy decode, and decoded tensors are never written to in place.
+    Spend that one warning silenced (on the first decode, not at import), without touching the
+    global warning filters."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.frombuffer(b"\0\0\0\0", dtype=torch.float32)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -90,6 +95,7 @@ def tensor_from_bytes(dtype: str, shape: Sequence[int], data: bytes, copy: bool 
             return torch.empty(shape, dtype=dt)
         except RuntimeError as e:  # e.g. [2**62, 2**62, 0]: torch's size arithmetic overflows
             raise ValueError(f"tensor shape {shape} is too large: {e}") from None
+    _spend_frombuffer_warning()
     t = torch.frombuffer(data, dtype=dt).view(shape)
     return t.clone() if copy else t
 
@@ -100,8 +106,10 @@ def tensor_from_proto(msg: pb.Tensor, copy: bool = False) -> torch.Tensor:
     return tensor_from_bytes(msg.dtype, msg.shape, msg.data, copy)
 
 
-def check_shape(t: torch.Tensor, expected: Sequence[int | None], what: str) -> None:
-    """ValueError unless ``t`` has ``len(expected)`` dims matching every non-None entry."""
-    if t.dim() != len(expected) or any(e is not None and s != e for s, e in zip(t.shape, expected)):
-        want = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
-        raise ValueError(f"{what} must have shape {want}, got {list(t.shape)}")
+def status_to_dict(resp: pb.StatusResponse) -> dict:
+    """A Status reply in the shape of :meth:`ExpertServer.status`."""
+    return dict(shard_id=resp.shard_id, address=resp.address, pid=resp.pid, dtype=resp.dtype,
+                slots={ls.moe_layer: list(zip(ls.slot_ids, ls.experts)) for ls in resp.layers},
+                weight_bytes=resp.weight_bytes, rss_bytes=resp.rss_bytes, num_threads=resp.num_threads,
+                requests=resp.requests, tokens=resp.tokens, compute_seconds=resp.compute_seconds,
+                last_epoch=resp.last_epoch)

@@ -23,16 +23,13 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from moeyard.rpc import API_MAX_MESSAGE_BYTES, INFERENCE_SERVICE, REQUEST_ID_KEY, grpc_options
 from moeyard.v1 import inference_pb2 as pb
 from moeyard.v1 import inference_pb2_grpc as pb_grpc
 
 TOKEN_ENV = "MOEYARD_API_TOKEN"
 TOKEN_FILE = Path("~/.moeyard/token")
-SERVICE_NAME = "moeyard.v1.Inference"
-REQUEST_ID_KEY = "x-request-id"
-MAX_MESSAGE_BYTES = 64 << 20
-_CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+_CHANNEL_OPTIONS = grpc_options(API_MAX_MESSAGE_BYTES)
 
 
 def resolve_token(token: str | None = None) -> str | None:
@@ -229,7 +226,7 @@ class MoeyardClient(_Base):
         except grpc.RpcError as e:
             raise _error(e) from None
 
-    def health(self, service: str = SERVICE_NAME, timeout: float | None = None) -> str:
+    def health(self, service: str = INFERENCE_SERVICE, timeout: float | None = None) -> str:
         """The server's health status name ("SERVING", "NOT_SERVING", ...); needs no token."""
         try:
             resp = self._health.Check(health_pb2.HealthCheckRequest(service=service),
@@ -293,7 +290,7 @@ class AsyncMoeyardClient(_Base):
         except grpc.aio.AioRpcError as e:
             raise _error(e) from None
 
-    async def health(self, service: str = SERVICE_NAME, timeout: float | None = None) -> str:
+    async def health(self, service: str = INFERENCE_SERVICE, timeout: float | None = None) -> str:
         try:
             resp = await self._health.Check(health_pb2.HealthCheckRequest(service=service),
                                             timeout=self._timeout(timeout))

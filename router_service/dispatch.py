@@ -12,14 +12,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from router_service.placement import ExpertsUnavailable, Placement
-from router_service.transport import ExpertTransport, ShardBatch, ShardUnavailable, StalePlacement
+from moeyard.router_service.placement import ExpertsUnavailable, Placement
+from moeyard.router_service.transport import ExpertTransport, ShardBatch, ShardUnavailable, StalePlacement
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class ExpertDispatcher:
     Placements change at step boundaries: the engine wraps each step in
     :meth:`step`, and :meth:`switch` (from another thread) hands over a new
     placement that the next step starts with. ``recorder`` (a
-    :class:`~router_service.load_recorder.LoadRecorder`) counts every layer's
+    :class:`~moeyard.router_service.load_recorder.LoadRecorder`) counts every layer's
     tokens per expert and slot.
     """
 
@@ -252,17 +252,13 @@ class ExpertDispatcher:
         if not quiet:
             log.warning("shard %d unavailable (%s); retrying MoE layer %d on other copies", e.shard, e, moe_layer)
         self._down[e.shard] = self._clock()
-        refresh = getattr(self.transport, "refresh", None)
-        if refresh is not None:
-            refresh(e.shard)
+        self.transport.refresh(e.shard)
 
     def _probe_all(self) -> Placement:
         """Forget which shards are down (and their addresses: a restarted shard listens on a new
         port), so the next attempt tries every shard of the placement again."""
-        refresh = getattr(self.transport, "refresh", None)
         for shard in list(self._down):
-            if refresh is not None:
-                refresh(shard)
+            self.transport.refresh(shard)
         self._down.clear()
         return self.placement
 

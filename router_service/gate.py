@@ -7,7 +7,7 @@ The routing reproduces transformers 5.23 for each supported family, bit for
 bit on the same device when given the same inputs:
 
 * mixtral: softmax over fp32 logits, top-k, always renormalised
-  (``norm_topk_prob=True`` in :class:`cluster.spec.MoESpec`).
+  (``norm_topk_prob=True`` in :class:`moeyard.model.spec.MoESpec`).
 * qwen2_moe / qwen3_moe / olmoe: softmax (fp32), top-k, renormalised iff
   ``norm_topk_prob``.
 * deepseek_v2: fp32 logits, softmax, ``greedy`` or ``group_limited_greedy``
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cluster.spec import MoESpec
+    from moeyard.model.spec import MoESpec
 
 __all__ = [
     "GateConfig",
@@ -141,7 +141,7 @@ class GateConfig:
         """Gate parameters of ``moe``.
 
         Args:
-            moe: the model's :class:`cluster.spec.MoESpec`.
+            moe: the model's :class:`moeyard.model.spec.MoESpec`.
             top_k_override: serve with this many experts per token instead of
                 the checkpoint's ``top_k`` (must be in ``[1, num_experts]``, and
                 reachable under group-limited routing).
@@ -191,10 +191,6 @@ class GateConfig:
             if top_k_override is not None and "top_k" in str(e):
                 raise ValueError(f"top_k_override ({top_k_override}) is invalid: {e}") from e
             raise
-
-    def with_top_k(self, top_k: int) -> "GateConfig":
-        """Copy with another ``top_k`` (validated)."""
-        return replace(self, top_k=top_k)
 
 
 def router_logits(hidden: Tensor, weight: Tensor, cfg: GateConfig) -> Tensor:

@@ -1,7 +1,7 @@
 """The expert transport over gRPC: one ``Compute`` call per shard batch.
 
 :class:`GrpcTransport` implements the same ``submit(moe_layer, batches, epoch)
--> Future[list[Tensor]]`` as :class:`~router_service.transport.InProcessTransport`.
+-> Future[list[Tensor]]`` as :class:`~moeyard.router_service.transport.InProcessTransport`.
 Every batch of a layer goes out at once (``stub.Compute.future``), over one
 channel per shard that stays open between steps; the combined future resolves
 when the last answer arrives, with the outputs in batch order and in each
@@ -13,11 +13,11 @@ than answering with another expert's output.
 
 Failures: a shard that cannot be reached (``UNAVAILABLE`` — down, connection
 refused, restarting — ``DEADLINE_EXCEEDED`` or ``CANCELLED``) fails the future
-with :class:`~router_service.transport.ShardUnavailable` naming the shard, at
+with :class:`~moeyard.router_service.transport.ShardUnavailable` naming the shard, at
 the first such answer (the other calls of the layer are cancelled). A shard
 that answers ``NOT_FOUND`` (a slot that does not hold the expected expert: the
 router's placement is stale, or the shard lost slots in a restart) fails it
-with :class:`~router_service.transport.StalePlacement` (a
+with :class:`~moeyard.router_service.transport.StalePlacement` (a
 ``ShardUnavailable``). Any other error answer (``INVALID_ARGUMENT``,
 ``FAILED_PRECONDITION``, ``INTERNAL``) fails it with :class:`ShardCallError`.
 After a Ray actor restart the shard listens on a new port: call
@@ -41,11 +41,11 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from expert_actors.server import MAX_MESSAGE_BYTES, grpc_options, status_to_dict
-from expert_actors.wire import dtype_name, tensor_from_proto, tensor_to_proto
+from moeyard.expert_actors.wire import dtype_name, status_to_dict, tensor_from_proto, tensor_to_proto
+from moeyard.router_service.transport import ShardBatch, ShardUnavailable, StalePlacement
+from moeyard.rpc import EXPERT_MAX_MESSAGE_BYTES, grpc_options
 from moeyard.v1 import expert_pb2 as pb
 from moeyard.v1 import expert_pb2_grpc as pb_grpc
-from router_service.transport import ShardBatch, ShardUnavailable, StalePlacement
 
 UNAVAILABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                                grpc.StatusCode.CANCELLED})
@@ -110,7 +110,8 @@ class GrpcTransport:
 
     def __init__(self, addresses: Mapping[int, str] | Callable[[int], str], wire_dtype: torch.dtype | None = None,
                  timeout_s: float = 30.0, channel_credentials=None, *,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES, channel_options: list[tuple[str, str]] | None = None):
+                 max_message_bytes: int = EXPERT_MAX_MESSAGE_BYTES,
+                 channel_options: list[tuple[str, str]] | None = None):
         if wire_dtype is not None:
             dtype_name(wire_dtype)  # ValueError for a dtype the wire cannot carry
         self._addresses = addresses

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from router_service.dispatch import ExpertDispatcher, PendingExperts
-from router_service.gate import GateConfig, gate
+from moeyard.router_service.dispatch import ExpertDispatcher, PendingExperts
+from moeyard.router_service.gate import GateConfig, gate
 
 
 @dataclass

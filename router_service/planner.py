@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from router_service.placement import Placement
+from moeyard.router_service.placement import Placement
 
 __all__ = ["balancedness", "placement_shard_load", "min_balancedness", "plan_placement",
            "greedy_baseline", "count_moves"]

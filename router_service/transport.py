@@ -2,20 +2,20 @@
 
 The router groups every MoE layer's work by shard and hands one
 :class:`ShardBatch` per involved shard to a transport. The in-process transport
-here calls :class:`~expert_actors.slots.ExpertSlots` directly; the gRPC
+here calls :class:`~moeyard.expert_actors.slots.ExpertSlots` directly; the gRPC
 transport implements the same interface over the network.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from expert_actors.slots import ExpertSlots
+from moeyard.expert_actors.slots import ExpertSlots
 
 
 class ShardUnavailable(RuntimeError):
@@ -59,28 +59,51 @@ class ShardBatch:
     ``slot_ids [S']`` ascending global slot ids, ``counts [S']`` rows per slot,
     ``hidden [N, D]`` rows sorted by slot, ``experts [S']`` the logical expert
     the router expects in each slot (its placement's ``phy2log``; the shard
-    refuses a slot that holds another one). An empty ``experts`` is the legacy
-    form: each slot's only copy answers.
+    refuses a slot that holds another one).
     """
 
     shard: int
     slot_ids: list[int]
     counts: list[int]
     hidden: torch.Tensor
-    experts: list[int] = field(default_factory=list)
+    experts: list[int]
 
     def __post_init__(self):
-        if self.experts and len(self.experts) != len(self.slot_ids):
+        if len(self.experts) != len(self.slot_ids):
             raise ValueError(f"ShardBatch.experts has {len(self.experts)} entries but slot_ids has "
                              f"{len(self.slot_ids)}")
 
 
 class ExpertTransport(Protocol):
+    """The data path to the shards (what the dispatcher uses)."""
+
     def submit(self, moe_layer: int, batches: Sequence[ShardBatch], epoch: int) -> "Future[list[torch.Tensor]]":
         """Send every batch; the future resolves to one ``[N_i, D]`` output per batch, in order."""
         ...
 
+    def refresh(self, shard: int) -> None:
+        """Forget what is known of how to reach ``shard`` (a restarted shard listens on a new port)."""
+        ...
+
     def close(self) -> None: ...
+
+
+class ShardAdmin(Protocol):
+    """The control side of a transport (what a live migration and the reconciler use)."""
+
+    def status(self, shard: int, timeout: float | None = None) -> dict:
+        """What the shard holds and its counters, in the shape of ``ExpertServer.status``."""
+        ...
+
+    def load_slots(self, shard: int, assignments: Iterable[tuple[int, int, int]], timeout: float | None = None,
+                   stage: bool = False) -> int:
+        """Load ``(moe_layer, slot, expert)`` copies (``stage``: next to the slot's current one)."""
+        ...
+
+    def unload_slots(self, shard: int, refs: Iterable[tuple[int, int] | tuple[int, int, int | None]],
+                     timeout: float | None = None) -> int:
+        """Release ``(moe_layer, slot[, expert])`` copies."""
+        ...
 
 
 class InProcessTransport:
@@ -93,11 +116,14 @@ class InProcessTransport:
         fut: Future[list[torch.Tensor]] = Future()
         try:
             fut.set_result([self.shards[b.shard].compute(moe_layer, b.slot_ids, b.counts, b.hidden,
-                                                          b.experts or None)
+                                                          b.experts)
                             for b in batches])
         except Exception as e:  # surfaced to the caller through the future
             fut.set_exception(e)
         return fut
+
+    def refresh(self, shard: int) -> None:
+        """Shards in this process never move."""
 
     def close(self) -> None:
         pass

@@ -102,7 +102,7 @@ def hf_models(tmp_path_factory):
 def local_redis(tmp_path_factory):
     """One real redis-server on a free loopback port (password in a 0600 file) for the session;
     tests keep apart by key prefix. Tests that stop Redis start their own."""
-    from cluster.redis_server import LocalRedis
+    from moeyard.cluster.infra.redis_server import LocalRedis
 
     info = LocalRedis.start(tmp_path_factory.mktemp("redis"))
     yield info
@@ -117,7 +117,7 @@ def ray_serve():
 
     started = not ray.is_initialized()
     if started:
-        from cluster.k8s.render import ATTENTION_RESOURCE, CONTROL_RESOURCE, EXPERT_RESOURCE
+        from moeyard.cluster.k8s.render import ATTENTION_RESOURCE, CONTROL_RESOURCE, EXPERT_RESOURCE
 
         # the custom resources the Kubernetes node groups advertise, so the rendered config runs here too
         ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False,

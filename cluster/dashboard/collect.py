@@ -1,8 +1,9 @@
-"""Builds :class:`~cluster.dashboard.state.DashboardState` from Redis and the shard manager.
+"""Builds :class:`~moeyard.cluster.dashboard.state.DashboardState` from Redis and the shard manager.
 
 The dashboard keeps no history of its own: load windows, the placement, the
 autoscaler's events and every process's telemetry are in Redis (see
-``cluster.load_store``, ``cluster.placement_store``, ``cluster.telemetry``);
+``moeyard.cluster.control.load_store``, ``moeyard.cluster.control.placement_store``,
+``moeyard.cluster.infra.telemetry``);
 shard status comes from the shard manager (cached for ``shard_status_ttl_s``).
 A restarted dashboard shows the same thing at once.
 """
@@ -15,13 +16,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cluster.dashboard import views
-from cluster.dashboard.settings import DashboardSettings
-from cluster.dashboard.state import DashboardState, Economics, ShardHealth
-from cluster.load_store import LoadWindows, read_load
-from cluster.placement_store import read_events, read_placement
-from cluster.redis_conn import redact_text
-from cluster.telemetry import Published, read_published
+from moeyard.cluster.control.load_store import LoadWindows, read_load
+from moeyard.cluster.control.placement_store import read_events, read_placement
+from moeyard.cluster.dashboard import views
+from moeyard.cluster.dashboard.state import DashboardState, ShardHealth
+from moeyard.cluster.infra.telemetry import Published, read_published
+from moeyard.cluster.settings.dashboard import DashboardSettings
+from moeyard.cluster.settings.redis import redact_text
+from moeyard.model.economics import Economics
 
 log = logging.getLogger(__name__)
 

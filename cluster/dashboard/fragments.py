@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from html import escape
 
-from cluster.dashboard.state import DashboardState
+from moeyard.cluster.dashboard.state import DashboardState
 
 __all__ = ["empty", "swatches", "table", "td", "time_domain"]
 

@@ -20,9 +20,9 @@ import logging
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from cluster.dashboard import views
-from cluster.dashboard.collect import DashboardSource
-from cluster.telemetry import merge_families
+from moeyard.cluster.dashboard import views
+from moeyard.cluster.dashboard.collect import DashboardSource
+from moeyard.cluster.infra.telemetry import merge_families
 
 log = logging.getLogger(__name__)
 

@@ -1,19 +1,19 @@
 """Server-rendered panels of the operator dashboard: HTML fragments with inline SVG.
 
-:func:`render_panels` turns one :class:`~cluster.dashboard.state.DashboardState`
+:func:`render_panels` turns one :class:`~moeyard.cluster.dashboard.state.DashboardState`
 into ``{panel name: HTML fragment}``; the dashboard's ``GET /api/panels`` returns
 it and the page (``static/dashboard.js``) drops each fragment into its section.
 Everything here is pure (no I/O) and uses the standard library only.
 
 Panels (keys of :data:`PANELS`), each rendered in its own module:
 
-* ``heatmap``, ``shards``: :mod:`cluster.dashboard.render_load`;
-* ``placement``, ``timeline``: :mod:`cluster.dashboard.render_ops`;
-* ``serving``, ``economics``: :mod:`cluster.dashboard.render_serving`.
+* ``heatmap``, ``shards``: :mod:`moeyard.cluster.dashboard.render_load`;
+* ``placement``, ``timeline``: :mod:`moeyard.cluster.dashboard.render_ops`;
+* ``serving``, ``economics``: :mod:`moeyard.cluster.dashboard.render_serving`.
 
-They share :mod:`cluster.dashboard.fmt` (number formatting),
-:mod:`cluster.dashboard.svg` (colours, scales, axes, lines) and
-:mod:`cluster.dashboard.fragments` (tables, legends, the empty-panel text).
+They share :mod:`moeyard.cluster.dashboard.fmt` (number formatting),
+:mod:`moeyard.cluster.dashboard.svg` (colours, scales, axes, lines) and
+:mod:`moeyard.cluster.dashboard.fragments` (tables, legends, the empty-panel text).
 
 Every string that comes from the state is escaped with :func:`html.escape`; the
 SVG fragments are well-formed XML. Shapes use ``L`` MoE layers, ``E`` logical
@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from html import escape
 
-from cluster.dashboard.fmt import (
+from moeyard.cluster.dashboard.fmt import (
     fmt_bytes,
     fmt_clock,
     fmt_frac,
@@ -33,11 +33,11 @@ from cluster.dashboard.fmt import (
     fmt_rate,
     fmt_seconds,
 )
-from cluster.dashboard.render_load import render_heatmap, render_shards
-from cluster.dashboard.render_ops import render_placement, render_timeline
-from cluster.dashboard.render_serving import render_economics, render_serving
-from cluster.dashboard.state import DashboardState
-from cluster.dashboard.svg import heat_color
+from moeyard.cluster.dashboard.render_load import render_heatmap, render_shards
+from moeyard.cluster.dashboard.render_ops import render_placement, render_timeline
+from moeyard.cluster.dashboard.render_serving import render_economics, render_serving
+from moeyard.cluster.dashboard.state import DashboardState
+from moeyard.cluster.dashboard.svg import heat_color
 
 __all__ = [
     "PANELS",
@@ -79,5 +79,6 @@ def render_panels(state: DashboardState) -> dict[str, str]:
         try:
             out[name] = fn(state)
         except Exception as e:  # noqa: BLE001 - one bad view must not blank the whole page
-            out[name] = f'<p class="panel-error">could not render {name}: {escape(type(e).__name__)}: {escape(str(e))}</p>'
+            why = f"{escape(type(e).__name__)}: {escape(str(e))}"
+            out[name] = f'<p class="panel-error">could not render {name}: {why}</p>'
     return out

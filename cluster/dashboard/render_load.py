@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from html import escape
 
-from cluster.dashboard.fmt import finite, fmt_clock
-from cluster.dashboard.fragments import empty, swatches, time_domain
-from cluster.dashboard.state import DashboardState, EventView, HeatmapView, ShardSeries
-from cluster.dashboard.svg import (
+from moeyard.cluster.dashboard.fmt import finite, fmt_clock
+from moeyard.cluster.dashboard.fragments import empty, swatches, time_domain
+from moeyard.cluster.dashboard.state import DashboardState, EventView, HeatmapView, ShardSeries
+from moeyard.cluster.dashboard.svg import (
     FAILED_COLOR,
     HEAT_STOPS,
     KIND_COLORS,
@@ -218,7 +218,8 @@ def render_shards(state: DashboardState) -> str:
     legend = swatches(((PALETTE[i % len(PALETTE)], f"shard {i}") for i in range(num_shards)), "shard-legend")
     layers = [(PALETTE[i % len(PALETTE)], f"layer {i}") for i in range(len(ss.balancedness))]
     kinds = [(KIND_COLORS[k], f"{k} (vertical line)") for k in MARKED_KINDS]
-    bal_legend = swatches([*layers, ("#b0b0b0", "min over layers (shaded band)"), ("#2ca02c", f"{BALANCED_REF:g} reference"),
+    bal_legend = swatches([*layers, ("#b0b0b0", "min over layers (shaded band)"),
+                           ("#2ca02c", f"{BALANCED_REF:g} reference"),
                             *kinds, (FAILED_COLOR, "failed action")], "balancedness-legend")
     return (f'<p class="caption">{len(ss.times)} load windows, {num_shards} shards; '
             f"time relative to {escape(fmt_clock(state.time))}.</p>"

@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from html import escape
 
-from cluster.dashboard.fmt import (
+from moeyard.cluster.dashboard.fmt import (
     DASH,
     arrow,
     fmt_bytes,
@@ -18,9 +18,9 @@ from cluster.dashboard.fmt import (
     fmt_frac,
     fmt_seconds,
 )
-from cluster.dashboard.fragments import empty, table, td, time_domain
-from cluster.dashboard.state import DashboardState, EventView, PlacementView
-from cluster.dashboard.svg import (
+from moeyard.cluster.dashboard.fragments import empty, table, td, time_domain
+from moeyard.cluster.dashboard.state import DashboardState, EventView, PlacementView
+from moeyard.cluster.dashboard.svg import (
     FAILED_COLOR,
     KIND_COLORS,
     Frame,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from html import escape
 
-from cluster.dashboard.fmt import (
+from moeyard.cluster.dashboard.fmt import (
     DASH,
     finite,
     fmt_bytes,
@@ -18,15 +18,15 @@ from cluster.dashboard.fmt import (
     fmt_seconds,
     pct,
 )
-from cluster.dashboard.fragments import empty, table, td
-from cluster.dashboard.state import (
+from moeyard.cluster.dashboard.fragments import empty, table, td
+from moeyard.cluster.dashboard.state import (
     DashboardState,
-    Economics,
     ReplicaHealth,
     ServingView,
     ShardHealth,
 )
-from cluster.dashboard.svg import num, svg_open
+from moeyard.cluster.dashboard.svg import num, svg_open
+from moeyard.model.economics import Economics
 
 __all__ = ["render_economics", "render_serving"]
 

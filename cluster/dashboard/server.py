@@ -5,7 +5,7 @@ Routes:
 ``GET /metrics``            Prometheus text; no token (Prometheus scrapes it).
 ``GET /``                   the page (``static/index.html``).
 ``GET /static/{name}``      the page's script and styles, served from the package (no CDN).
-``GET /api/state``          :class:`~cluster.dashboard.state.DashboardState` as JSON.
+``GET /api/state``          :class:`~moeyard.cluster.dashboard.state.DashboardState` as JSON.
 ``GET /api/panels``         the server-rendered panels (SVG / HTML fragments) as JSON.
 
 Every path but ``/metrics`` answers 401 without the token (never a redirect). The
@@ -31,8 +31,8 @@ from importlib import resources
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from cluster.dashboard.collect import DashboardSource
-from cluster.dashboard.prom import ClusterCollector
+from moeyard.cluster.dashboard.collect import DashboardSource
+from moeyard.cluster.dashboard.prom import ClusterCollector
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class DashboardServer:
         return resp
 
     async def api_panels(self, request: web.Request) -> web.Response:
-        from cluster.dashboard.render import render_panels
+        from moeyard.cluster.dashboard.render import render_panels
 
         lookback = self._lookback(request)
 
@@ -213,7 +213,7 @@ def _nan_safe(o):
 
 
 def _static_dir():
-    return resources.files("cluster.dashboard") / "static"
+    return resources.files("moeyard.cluster.dashboard") / "static"
 
 
 def _static_names() -> set[str]:

@@ -2,7 +2,7 @@
 
 :class:`DashboardState` is the JSON the dashboard's ``/api/state`` returns
 (``dataclasses.asdict``), what the page renders and what ``moeyard top`` draws.
-It is built by :mod:`cluster.dashboard.collect` from Redis (load windows,
+It is built by :mod:`moeyard.cluster.dashboard.collect` from Redis (load windows,
 placement, events, published telemetry) and the shard manager (shard status);
 the views here hold plain lists and numbers only, so that they serialise as they are.
 
@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cluster.placement_store import Event
+from moeyard.cluster.control.placement_store import Event
+from moeyard.model.economics import Economics
 
 
 @dataclass
@@ -61,7 +62,7 @@ class ShardSeries:
 
 @dataclass
 class EventView(Event):
-    """One autoscaler event (:class:`cluster.placement_store.Event`: its ``balancedness_*`` are the
+    """One autoscaler event (:class:`moeyard.cluster.control.placement_store.Event`: its ``balancedness_*`` are the
     planner's predictions) and its measured effect."""
 
     measured_before: float | None = None
@@ -117,24 +118,6 @@ class ServingView:
     ttft_p99_s: float | None
     itl_p50_s: float | None
     itl_p99_s: float | None
-
-
-@dataclass
-class Economics:
-    """Parameter counts of the checkpoint (from its tensor shapes) and the dense-equivalent estimate."""
-
-    family: str
-    num_layers: int
-    num_moe_layers: int
-    num_experts: int
-    top_k: int
-    total_params: int
-    active_params: int
-    """Parameters one token uses: everything but the routed experts, plus ``top_k`` routed experts per MoE layer."""
-    routed_expert_params: int
-    dense_equivalent_params: float
-    """Epoch AI's heuristic: ``total / (E ** 0.44 / A ** 0.63)``."""
-    bytes_per_param: int
 
 
 @dataclass

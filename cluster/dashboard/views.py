@@ -10,7 +10,8 @@ import math
 
 import torch
 
-from cluster.dashboard.state import (
+from moeyard.cluster.control.load_store import LoadWindows
+from moeyard.cluster.dashboard.state import (
     EventView,
     HeatmapView,
     PlacementView,
@@ -19,10 +20,9 @@ from cluster.dashboard.state import (
     ShardHealth,
     ShardSeries,
 )
-from cluster.load_store import LoadWindows
-from cluster.telemetry import Published
-from router_service.placement import Placement
-from router_service.planner import balancedness
+from moeyard.cluster.infra.telemetry import Published
+from moeyard.router_service.placement import Placement
+from moeyard.router_service.planner import balancedness
 
 MOVE_KINDS = ("rebalance", "scale_up", "scale_down")
 EFFECT_SPAN_S = 60.0

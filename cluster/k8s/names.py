@@ -5,7 +5,7 @@
 * any object's ``metadata``: a DNS-1123 subdomain name, a DNS-1123 label namespace, string labels
   and annotations.
 
-Errors are ``<json path>: <what is wrong>`` strings, as everywhere in :mod:`cluster.k8s.validate`.
+Errors are ``<json path>: <what is wrong>`` strings, as everywhere in :mod:`moeyard.cluster.k8s.validate`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from cluster.k8s.paths import _join
+from moeyard.cluster.k8s.paths import _join
 
 _IANA_SVC_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

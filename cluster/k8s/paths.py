@@ -1,6 +1,6 @@
 """JSON paths for error messages: ``spec.workerGroupSpecs[1].rayStartParams``.
 
-Every validator in :mod:`cluster.k8s.validate` reports errors as ``<json path>: <what is wrong>``.
+Every validator in :mod:`moeyard.cluster.k8s.validate` reports errors as ``<json path>: <what is wrong>``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Render the Kubernetes manifests of a cluster config (``moeyard render-k8s``).
 
-Pure functions from a :class:`~cluster.config.ClusterConfig` with a ``kubernetes:``
+Pure functions from a :class:`~moeyard.cluster.config.ClusterConfig` with a ``kubernetes:``
 section to manifest dicts and YAML files:
 
 ``rayservice.yaml``    the KubeRay ``RayService``: head group (``num-cpus: "0"``: control actors
@@ -22,8 +22,8 @@ import json
 
 import yaml
 
-from cluster.config import ClusterConfig, RayResources
-from cluster.k8s.settings import KubernetesSettings, PodSize, WorkerGroup
+from moeyard.cluster.config import ClusterConfig, RayResources
+from moeyard.cluster.settings.kubernetes import KubernetesSettings, PodSize, WorkerGroup
 
 CONTROL_RESOURCE = "moeyard_control"
 ATTENTION_RESOURCE = "moeyard_attention"
@@ -72,12 +72,12 @@ def serve_config(cfg: ClusterConfig) -> ClusterConfig:
 
 
 def serve_config_v2(cfg: ClusterConfig) -> str:
-    """The ``serveConfigV2`` string: one application, ``cluster.serve_app:app_builder(args)``."""
+    """The ``serveConfigV2`` string: one application, ``moeyard.cluster.serving.app:app_builder(args)``."""
     args = serve_config(cfg).model_dump(mode="json", exclude={"kubernetes"})
     doc = {"proxy_location": "HeadOnly",
            "http_options": {"host": "0.0.0.0", "port": cfg.kubernetes.serve_http_port},
            "applications": [{"name": "moeyard", "route_prefix": None,
-                             "import_path": "cluster.serve_app:app_builder", "args": args}]}
+                             "import_path": "moeyard.cluster.serving.app:app_builder", "args": args}]}
     return yaml.safe_dump(doc, sort_keys=False, width=120)
 
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from cluster.k8s.names import _container_port_errors, _service_name_errors
-from cluster.k8s.paths import json_path
+from moeyard.cluster.k8s.names import _container_port_errors, _service_name_errors
+from moeyard.cluster.k8s.paths import json_path
 
 GPU = "nvidia.com/gpu"
 EXPERTS_GROUP = "experts"
@@ -98,7 +98,7 @@ def _import_path_target(import_path: str):
 
 
 def serve_config_errors(text: Any, path: str = "spec.serveConfigV2") -> tuple[list[str], list]:
-    """Errors of a ``serveConfigV2`` string, and the :class:`~cluster.config.ClusterConfig` of each
+    """Errors of a ``serveConfigV2`` string, and the :class:`~moeyard.cluster.config.ClusterConfig` of each
     application whose ``args`` validated. The string must parse as YAML and validate with Ray's
     ``ServeDeploySchema``; every ``import_path`` must import; every application's ``args`` must be a
     ``ClusterConfig`` and the imported builder must turn them into a Serve ``Application`` (building
@@ -115,7 +115,7 @@ def serve_config_errors(text: Any, path: str = "spec.serveConfigV2") -> tuple[li
     from ray.serve import Application
     from ray.serve.schema import ServeDeploySchema
 
-    from cluster.config import ClusterConfig
+    from moeyard.cluster.config import ClusterConfig
 
     errs: list[str] = []
     try:

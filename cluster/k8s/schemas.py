@@ -6,7 +6,7 @@
   strict field validation (``kubectl apply --validate=strict``, kubectl's default); the CRDs' CEL
   rules (``x-kubernetes-validations``) are not applied.
 * Built-in kinds (Deployment, Service, ...) with the ``kubernetes-validate`` package (strict), plus
-  the port and Service names it does not check (:mod:`cluster.k8s.names`).
+  the port and Service names it does not check (:mod:`moeyard.cluster.k8s.names`).
 * ``PodMonitor`` (prometheus-operator; no schema offline): a structural check.
 
 The CRDs, ``jsonschema`` and ``kubernetes_validate`` are loaded when first needed, not at import time.
@@ -23,13 +23,13 @@ from typing import Any
 
 import yaml
 
-from cluster.k8s.names import (
+from moeyard.cluster.k8s.names import (
     _container_port_errors,
     _metadata_errors,
     _service_name_errors,
     _valid_port_name,
 )
-from cluster.k8s.paths import json_path
+from moeyard.cluster.k8s.paths import json_path
 
 CRD_ENV = "MOEYARD_KUBERAY_CRDS"
 """Environment variable naming the folder of KubeRay CRD files (``ray.io_rayservices.yaml``, ...)."""

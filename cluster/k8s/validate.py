@@ -5,13 +5,13 @@ entry points.
 rendered folder and its ``kustomization.yaml``. Pure functions, no cluster and no network. The checks
 live in sibling modules, re-exported here:
 
-* :mod:`cluster.k8s.schemas`: KubeRay kinds against the KubeRay CRDs (strict), built-in kinds with
+* :mod:`moeyard.cluster.k8s.schemas`: KubeRay kinds against the KubeRay CRDs (strict), built-in kinds with
   ``kubernetes-validate`` (strict), a structural check of ``PodMonitor``;
-* :mod:`cluster.k8s.rules`: the project's rules on the ``RayService`` (:func:`moeyard_rules`), the
+* :mod:`moeyard.cluster.k8s.rules`: the project's rules on the ``RayService`` (:func:`moeyard_rules`), the
   ``serveConfigV2`` included;
-* :mod:`cluster.k8s.names`: Kubernetes' naming rules the schemas leave out (port, Service and object names);
-* :mod:`cluster.k8s.overlay`: :func:`apply_overlay`, a small subset of kustomize;
-* :mod:`cluster.k8s.paths`: :func:`json_path`.
+* :mod:`moeyard.cluster.k8s.names`: Kubernetes' naming rules the schemas leave out (port, Service and object names);
+* :mod:`moeyard.cluster.k8s.overlay`: :func:`apply_overlay`, a small subset of kustomize;
+* :mod:`moeyard.cluster.k8s.paths`: :func:`json_path`.
 
 Errors are returned as human-readable strings ``<json path>: <what is wrong>``; an empty list means
 valid. Nothing here is loaded at import time: the CRDs, ``kubernetes_validate``, ``jsonpatch``, Ray
@@ -24,20 +24,20 @@ from pathlib import Path
 
 import yaml
 
-from cluster.k8s.names import _metadata_errors
-from cluster.k8s.overlay import CLUSTER_SCOPED, _doc_label, _load_docs, apply_overlay
-from cluster.k8s.paths import json_path
-from cluster.k8s.rules import (
+from moeyard.cluster.k8s.names import _metadata_errors
+from moeyard.cluster.k8s.overlay import CLUSTER_SCOPED, _doc_label, _load_docs, apply_overlay
+from moeyard.cluster.k8s.paths import json_path
+from moeyard.cluster.k8s.rules import (
     EXPERTS_GROUP,
     GPU,
     HEAD_PORTS,
     moeyard_rules,
     serve_config_errors,
 )
-from cluster.k8s.rules import (
+from moeyard.cluster.k8s.rules import (
     _import_path_target as _import_path_target,  # re-exported: tests use it
 )
-from cluster.k8s.schemas import (
+from moeyard.cluster.k8s.schemas import (
     CRD_ENV,
     CRD_FILES,
     KUBERAY_KINDS,

@@ -27,17 +27,15 @@ if _version_not_supported:
 
 class ExpertServiceStub:
     """One expert shard. Errors:
-    - NOT_FOUND for a slot that does not hold the named expert (or, in a legacy
-    request without `experts`, any expert): the router's placement is stale or
+    - NOT_FOUND for a slot that does not hold the named expert: the router's placement is stale or
     the shard lost its slots (restart). The message names the MoE layer, the
     slot, the expert asked for, what the slot holds and the request's epoch,
     e.g. "slot 5 of MoE layer 2 holds expert(s) [3], not 7 (router placement
     epoch 4 is stale)".
     - INVALID_ARGUMENT for a malformed request (tensor bytes vs shape/dtype,
-    counts vs rows, slot_ids vs counts, experts vs slot_ids, moe_layer or
-    expert out of range, negative slot).
-    - FAILED_PRECONDITION when the checkpoint lacks a tensor, when a legacy
-    Compute (no `experts`) reaches a slot holding two copies, or when a staged
+    counts vs rows, slot_ids vs counts, experts vs slot_ids (one expert per
+    slot), moe_layer or expert out of range, negative slot).
+    - FAILED_PRECONDITION when the checkpoint lacks a tensor, or when a staged
     load would put a third expert into a slot.
     - INTERNAL otherwise.
     The server also answers grpc.health.v1.Health (SERVING once loaded).
@@ -78,17 +76,15 @@ class ExpertServiceStub:
 
 class ExpertServiceServicer:
     """One expert shard. Errors:
-    - NOT_FOUND for a slot that does not hold the named expert (or, in a legacy
-    request without `experts`, any expert): the router's placement is stale or
+    - NOT_FOUND for a slot that does not hold the named expert: the router's placement is stale or
     the shard lost its slots (restart). The message names the MoE layer, the
     slot, the expert asked for, what the slot holds and the request's epoch,
     e.g. "slot 5 of MoE layer 2 holds expert(s) [3], not 7 (router placement
     epoch 4 is stale)".
     - INVALID_ARGUMENT for a malformed request (tensor bytes vs shape/dtype,
-    counts vs rows, slot_ids vs counts, experts vs slot_ids, moe_layer or
-    expert out of range, negative slot).
-    - FAILED_PRECONDITION when the checkpoint lacks a tensor, when a legacy
-    Compute (no `experts`) reaches a slot holding two copies, or when a staged
+    counts vs rows, slot_ids vs counts, experts vs slot_ids (one expert per
+    slot), moe_layer or expert out of range, negative slot).
+    - FAILED_PRECONDITION when the checkpoint lacks a tensor, or when a staged
     load would put a third expert into a slot.
     - INTERNAL otherwise.
     The server also answers grpc.health.v1.Health (SERVING once loaded).
@@ -163,17 +159,15 @@ def add_ExpertServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ExpertService:
     """One expert shard. Errors:
-    - NOT_FOUND for a slot that does not hold the named expert (or, in a legacy
-    request without `experts`, any expert): the router's placement is stale or
+    - NOT_FOUND for a slot that does not hold the named expert: the router's placement is stale or
     the shard lost its slots (restart). The message names the MoE layer, the
     slot, the expert asked for, what the slot holds and the request's epoch,
     e.g. "slot 5 of MoE layer 2 holds expert(s) [3], not 7 (router placement
     epoch 4 is stale)".
     - INVALID_ARGUMENT for a malformed request (tensor bytes vs shape/dtype,
-    counts vs rows, slot_ids vs counts, experts vs slot_ids, moe_layer or
-    expert out of range, negative slot).
-    - FAILED_PRECONDITION when the checkpoint lacks a tensor, when a legacy
-    Compute (no `experts`) reaches a slot holding two copies, or when a staged
+    counts vs rows, slot_ids vs counts, experts vs slot_ids (one expert per
+    slot), moe_layer or expert out of range, negative slot).
+    - FAILED_PRECONDITION when the checkpoint lacks a tensor, or when a staged
     load would put a third expert into a slot.
     - INTERNAL otherwise.
     The server also answers grpc.health.v1.Health (SERVING once loaded).

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from attention.async_engine import AsyncEngine, QueueFull
-from attention.engine import EngineConfig, LLMEngine
-from attention.sequence import RequestError, SamplingParams
+from moeyard.attention.async_engine import AsyncEngine, QueueFull
+from moeyard.attention.engine import EngineConfig, LLMEngine
+from moeyard.attention.sequence import RequestError, SamplingParams
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15], [20] * 12, [30, 31]]
 

@@ -11,11 +11,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from attention.engine import EngineConfig, LLMEngine
-from attention.sequence import RequestError, SamplingParams
-from attention.tokenizer import load_tokenizer, require_tokenizer
-from cluster.checkpoint import CheckpointError
-from cluster.spec import SpecError
+from moeyard.attention.engine import EngineConfig, LLMEngine
+from moeyard.attention.sequence import RequestError, SamplingParams
+from moeyard.attention.tokenizer import load_tokenizer, require_tokenizer
+from moeyard.model.checkpoint import CheckpointError
+from moeyard.model.spec import SpecError
 
 MAX_LEN = 32
 NORMAL_PROMPT = [5, 17, 33, 101, 7, 9]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from attention.block_manager import BlockManager, NoFreeBlocks
+from moeyard.attention.block_manager import BlockManager, NoFreeBlocks
 
 
 def test_allocate_and_free_track_ref_counts():

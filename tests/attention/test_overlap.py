@@ -7,9 +7,9 @@ from concurrent.futures import Future
 
 import pytest
 
-from attention.engine import EngineConfig, LLMEngine
-from attention.overlap import OverlapTuner, OverlapTunerConfig, size_bucket
-from attention.sequence import SamplingParams
+from moeyard.attention.engine import EngineConfig, LLMEngine
+from moeyard.attention.overlap import OverlapTuner, OverlapTunerConfig, size_bucket
+from moeyard.attention.sequence import SamplingParams
 
 
 def _run(tuner: OverlapTuner, steps: int, cost, tokens: int = 64, seqs: int = 64) -> list[bool]:
@@ -81,14 +81,17 @@ class _SlowTransport:
         time.sleep(self.delay_s)
         return self.inner.submit(moe_layer, batches, epoch)
 
+    def refresh(self, shard):
+        pass
+
     def close(self):
         self.inner.close()
 
 
 def test_adaptive_engine_settles_on_the_faster_mode_and_keeps_the_tokens(hf_models):
-    from attention.engine import build_local_experts
-    from cluster.spec import load_spec
-    from router_service.placement import round_robin_placement
+    from moeyard.attention.engine import build_local_experts
+    from moeyard.model.spec import load_spec
+    from moeyard.router_service.placement import round_robin_placement
 
     ckpt, _ = hf_models("mixtral")
     spec = load_spec(ckpt)
@@ -96,7 +99,7 @@ def test_adaptive_engine_settles_on_the_faster_mode_and_keeps_the_tokens(hf_mode
     prompts = [[5 + i, 9, 11 + 2 * i] for i in range(6)]
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     plain = LLMEngine(ckpt, EngineConfig(dtype="float32")).generate(prompts, params)
-    transport = _SlowTransport(build_local_experts(ckpt, spec, placement, __import__("torch").float32), 0.01)
+    transport = _SlowTransport(build_local_experts(ckpt, spec, placement, __import__("torch").float32), 0.04)
     engine = LLMEngine(ckpt, EngineConfig(dtype="float32", overlap=True), transport=transport, placement=placement)
     assert engine.generate(prompts, params) == plain
     decode = [s for k, s in engine.overlap_tuner.snapshot().items() if k.startswith("tokens 4-7, seqs 4-7")]

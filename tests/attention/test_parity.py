@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention.engine import EngineConfig, LLMEngine
-from attention.sequence import SamplingParams
+from moeyard.attention.engine import EngineConfig, LLMEngine
+from moeyard.attention.sequence import SamplingParams
 from tests.conftest import FAMILIES
 
 PROMPT_LENS = [5, 11, 17, 26]

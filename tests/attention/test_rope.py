@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention.rope import RotaryEmbedding, inv_freq_and_scale
-from cluster.spec import spec_from_config
+from moeyard.attention.rope import RotaryEmbedding, inv_freq_and_scale
+from moeyard.model.spec import spec_from_config
 
 
 def _llama(head_dim: int, max_pos: int, rope: dict):
@@ -137,7 +137,7 @@ def test_half_rotation_is_a_rotation():
 def test_mla_softmax_scale_matches_transformers(case):
     import transformers as T
 
-    from attention.layers import mla_softmax_scale
+    from moeyard.attention.layers import mla_softmax_scale
 
     cfg = CASES[case]()
     hf = T.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3Attention(cfg, 0)

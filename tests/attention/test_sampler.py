@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from attention.sampler import sample
-from attention.sequence import SamplingParams, Sequence
+from moeyard.attention.sampler import sample
+from moeyard.attention.sequence import SamplingParams, Sequence
 
 
 def _seqs(n: int, **params) -> list[Sequence]:

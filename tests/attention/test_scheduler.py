@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention.block_manager import BlockManager
-from attention.engine import EngineConfig, LLMEngine
-from attention.scheduler import Scheduler, SchedulerConfig
-from attention.sequence import RequestError, SamplingParams, Sequence
+from moeyard.attention.block_manager import BlockManager
+from moeyard.attention.engine import EngineConfig, LLMEngine
+from moeyard.attention.scheduler import Scheduler, SchedulerConfig
+from moeyard.attention.sequence import RequestError, SamplingParams, Sequence
 
 GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
 

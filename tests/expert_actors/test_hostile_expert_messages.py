@@ -34,12 +34,13 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cluster.checkpoint import CheckpointReader
-from cluster.spec import load_spec
-from cluster.weight_names import expert_names
-from expert_actors.expert_compute import grouped_swiglu
-from expert_actors.server import SERVICE_NAME, ExpertServer
-from expert_actors.wire import tensor_from_proto, tensor_to_proto
+from moeyard.expert_actors.server import ExpertServer
+from moeyard.expert_actors.wire import tensor_from_proto, tensor_to_proto
+from moeyard.model.checkpoint import CheckpointReader
+from moeyard.model.ffn import grouped_swiglu
+from moeyard.model.spec import load_spec
+from moeyard.model.weight_names import expert_names
+from moeyard.rpc import EXPERT_SERVICE
 from moeyard.v1 import expert_pb2 as pb
 from moeyard.v1 import expert_pb2_grpc as pb_grpc
 
@@ -59,7 +60,7 @@ def shard(hf_models):
     server = ExpertServer(0, spec, ckpt, torch.float32, {layer: [(e, e) for e in range(E)] for layer in range(2)},
                           max_message_bytes=MAX_MESSAGE)
     channel = grpc.insecure_channel(server.address)
-    raw = {m: channel.unary_unary(f"/{SERVICE_NAME}/{m}", request_serializer=lambda b: b,
+    raw = {m: channel.unary_unary(f"/{EXPERT_SERVICE}/{m}", request_serializer=lambda b: b,
                                   response_deserializer=getattr(pb, f"{m}Response").FromString)
            for m in ("Compute", "LoadSlots", "UnloadSlots", "Status")}
     yield dict(spec=spec, ckpt=ckpt, server=server, channel=channel, stub=pb_grpc.ExpertServiceStub(channel), raw=raw)
@@ -92,9 +93,11 @@ def _x(rows: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(rows, D, generator=torch.Generator().manual_seed(seed))
 
 
-def _request(x: torch.Tensor | None = None, *, slot_ids=(1,), counts=(4,), experts=(), moe_layer=0, epoch=0,
+def _request(x: torch.Tensor | None = None, *, slot_ids=(1,), counts=(4,), experts=None, moe_layer=0, epoch=0,
              dtype: str | None = None, shape=None, data: bytes | None = None) -> pb.ComputeRequest:
-    """A Compute request: a real ``x`` by default, or a hand-made tensor (dtype, shape, bytes)."""
+    """A Compute request: a real ``x`` by default, or a hand-made tensor (dtype, shape, bytes); ``experts``
+    defaults to what the slots hold here (slot ``s`` holds expert ``s``)."""
+    experts = [s if 0 <= s < E else 0 for s in slot_ids] if experts is None else experts
     req = pb.ComputeRequest(moe_layer=moe_layer, epoch=epoch, slot_ids=slot_ids, counts=counts, experts=experts)
     if dtype is None and shape is None and data is None:
         tensor_to_proto(_x(sum(counts)) if x is None else x, out=req.hidden)
@@ -178,7 +181,8 @@ CASES = [
          "hidden must have shape [N, 64], got [4, 32]"),
     Case("one-dim-hidden", lambda: _request(shape=[4 * D]), INVALID, "hidden must have shape [N, 64], got [256]"),
     Case("three-dim-hidden", lambda: _request(shape=[2, 2, D]), INVALID, "hidden must have shape [N, 64]"),
-    Case("scalar-hidden", lambda: _request(shape=[], data=b"\0" * 4), INVALID, "hidden must have shape [N, 64], got []"),
+    Case("scalar-hidden", lambda: _request(shape=[], data=b"\0" * 4), INVALID,
+         "hidden must have shape [N, 64], got []"),
     Case("negative-dim", lambda: _request(shape=[-4, D]), INVALID, "tensor shape [-4, 64] has a negative dimension"),
     Case("int64-min-dim", lambda: _request(shape=[-2**63, D]), INVALID, "negative dimension"),
     Case("huge-dims", lambda: _request(shape=[2**62, D]), INVALID,
@@ -201,7 +205,8 @@ CASES = [
     Case("slot-holds-another-expert", lambda: _request(slot_ids=[1], experts=[2], epoch=6), NOT_FOUND,
          "slot 1 of MoE layer 0 holds expert(s) [1], not 2 (router placement epoch 6 is stale)"),
     Case("unknown-slot-named-expert", lambda: _request(slot_ids=[40], experts=[2], epoch=9), NOT_FOUND,
-         "slot 40 of MoE layer 0 holds expert(s) [], not 2 (router placement epoch 9 is stale, or shard 0 lost"),
+         "slot 40 of MoE layer 0 is not loaded on shard 0, not expert 2 (router placement epoch 9 is stale, or "
+         "shard 0 lost"),
     Case("second-segment-stale", lambda: _request(slot_ids=[2, 4], counts=[2, 2], experts=[2, 5], epoch=3),
          NOT_FOUND, "slot 4 of MoE layer 0 holds expert(s) [4], not 5 (router placement epoch 3"),
     Case("old-epoch-right-experts", lambda: _request(_X4, slot_ids=[2, 4], counts=[1, 3], experts=[2, 4], epoch=0),
@@ -219,6 +224,8 @@ CASES = [
          "slot_ids has 1 entries but counts has 2"),
     Case("experts-vs-slots", lambda: _request(slot_ids=[1], experts=[1, 2]), INVALID,
          "experts has 2 entries but slot_ids has 1"),
+    Case("experts-missing", lambda: _request(slot_ids=[1], experts=[]), INVALID,
+         "experts has 0 entries but slot_ids has 1 (name the logical expert expected in each slot)"),
     Case("counts-over-rows", lambda: _request(_x(4), counts=[5]), INVALID, "counts sum to 5 but hidden has 4 rows"),
     Case("counts-under-rows", lambda: _request(_x(4), slot_ids=[1, 2], counts=[1, 2]), INVALID,
          "counts sum to 3 but hidden has 4 rows"),
@@ -287,7 +294,8 @@ def test_a_router_on_a_stale_epoch_is_refused_after_a_move(shard, expected):
         with pytest.raises(grpc.RpcError) as e:
             stub.Compute(_request(x, slot_ids=[5], counts=[3], experts=[5], epoch=3), timeout=30)
         assert e.value.code() == NOT_FOUND
-        assert e.value.details() == "slot 5 of MoE layer 0 holds expert(s) [7], not 5 (router placement epoch 3 is stale)"
+        assert e.value.details() == ("slot 5 of MoE layer 0 holds expert(s) [7], not 5 "
+                                     "(router placement epoch 3 is stale)")
         out = stub.Compute(_request(x, slot_ids=[5], counts=[3], experts=[7], epoch=4), timeout=30)
         assert torch.equal(_output(out), expected(0, [7], [3], x))
     finally:
@@ -297,7 +305,7 @@ def test_a_router_on_a_stale_epoch_is_refused_after_a_move(shard, expected):
 
 def test_after_the_table_the_shard_is_healthy_and_unchanged(shard, expected):
     health = health_pb2_grpc.HealthStub(shard["channel"])
-    for service in ("", SERVICE_NAME):
+    for service in ("", EXPERT_SERVICE):
         assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status == \
             health_pb2.HealthCheckResponse.SERVING
     st = shard["stub"].Status(pb.StatusRequest(), timeout=10)

@@ -13,17 +13,18 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cluster.checkpoint import CheckpointReader
-from cluster.spec import load_spec
-from expert_actors.server import SERVICE_NAME, ExpertServer, grpc_options
-from expert_actors.slots import ExpertSlots
-from expert_actors.wire import tensor_from_proto, tensor_to_proto
+from moeyard.expert_actors.server import ExpertServer
+from moeyard.expert_actors.slots import ExpertSlots
+from moeyard.expert_actors.wire import tensor_from_proto, tensor_to_proto
+from moeyard.model.checkpoint import CheckpointReader
+from moeyard.model.spec import load_spec
+from moeyard.router_service.dispatch import plan_dispatch
+from moeyard.router_service.grpc_transport import GrpcTransport, ShardCallError
+from moeyard.router_service.placement import Placement
+from moeyard.router_service.transport import InProcessTransport, StalePlacement
+from moeyard.rpc import EXPERT_MAX_MESSAGE_BYTES, EXPERT_SERVICE, grpc_options
 from moeyard.v1 import expert_pb2 as pb
 from moeyard.v1 import expert_pb2_grpc as pb_grpc
-from router_service.dispatch import plan_dispatch
-from router_service.grpc_transport import GrpcTransport, ShardCallError
-from router_service.placement import Placement
-from router_service.transport import InProcessTransport, StalePlacement
 
 E = 8
 
@@ -41,7 +42,7 @@ def setup(hf_models):
     reader = CheckpointReader(ckpt)
     for layer, pairs in assignments.items():
         local.load(reader, layer, pairs)
-    channel = grpc.insecure_channel(server.address, options=grpc_options())
+    channel = grpc.insecure_channel(server.address, options=grpc_options(EXPERT_MAX_MESSAGE_BYTES))
     yield dict(ckpt=ckpt, spec=spec, placement=placement, server=server, local=InProcessTransport({0: local}),
                stub=pb_grpc.ExpertServiceStub(channel), channel=channel)
     channel.close()
@@ -57,8 +58,10 @@ def _batches(spec, placement, moe_layer, t=13, seed=0, dtype=torch.float32):
     return plan_dispatch(hidden, ids, placement, moe_layer)[1]
 
 
-def _valid_request(spec, slot=0, rows=4, moe_layer=0):
-    req = pb.ComputeRequest(moe_layer=moe_layer, epoch=0, slot_ids=[slot], counts=[rows])
+def _valid_request(spec, slot=0, rows=4, moe_layer=0, expert=None):
+    """A Compute request for one slot; slot ``s < E`` holds expert ``s`` here."""
+    req = pb.ComputeRequest(moe_layer=moe_layer, epoch=0, slot_ids=[slot], counts=[rows],
+                            experts=[slot if expert is None else expert])
     tensor_to_proto(torch.randn(rows, spec.hidden_size), out=req.hidden)
     return req
 
@@ -96,7 +99,7 @@ def test_bf16_on_the_wire_is_close_and_returns_the_input_dtype(setup):
 
 def test_health_is_serving(setup):
     health = health_pb2_grpc.HealthStub(setup["channel"])
-    for service in ("", SERVICE_NAME):
+    for service in ("", EXPERT_SERVICE):
         resp = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
@@ -145,7 +148,7 @@ def test_load_and_unload_slots(setup):
     x = torch.randn(6, spec.hidden_size, generator=torch.Generator().manual_seed(3))
     outs = []
     for slot in (20, 5):
-        req = pb.ComputeRequest(moe_layer=1, epoch=1, slot_ids=[slot], counts=[6])
+        req = pb.ComputeRequest(moe_layer=1, epoch=1, slot_ids=[slot], counts=[6], experts=[5])
         tensor_to_proto(x, out=req.hidden)
         outs.append(stub.Compute(req, timeout=30))
     assert outs[0].output.data == outs[1].output.data
@@ -155,9 +158,9 @@ def test_load_and_unload_slots(setup):
                                                          pb.SlotRef(moe_layer=1, slot=77)]), timeout=10)
     assert resp.slots_unloaded == 1
     with pytest.raises(grpc.RpcError) as e:
-        stub.Compute(_valid_request(spec, slot=20, moe_layer=1), timeout=10)
+        stub.Compute(_valid_request(spec, slot=20, moe_layer=1, expert=5), timeout=10)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
-    assert e.value.details() == "slot 20 of MoE layer 1 is not loaded on shard 0"
+    assert e.value.details().startswith("slot 20 of MoE layer 1 is not loaded on shard 0, not expert 5")
     assert 20 not in [s for s, _ in server.status()["slots"][1]]
     assert server.status()["last_epoch"] >= 1
 
@@ -166,6 +169,7 @@ def _compute(spec, **fields):
     """A Compute request with defaults overridden; ``hidden`` given as (dtype, shape, nbytes)."""
     dtype, shape, nbytes = fields.pop("hidden", ("float32", [4, spec.hidden_size], None))
     nbytes = 4 * shape[0] * shape[1] if nbytes is None else nbytes
+    fields.setdefault("experts", list(fields.get("slot_ids", [1])))  # slot s < E holds expert s here
     req = pb.ComputeRequest(moe_layer=0, epoch=0, slot_ids=[1], counts=[4])
     for k, v in fields.items():
         if isinstance(v, list):
@@ -192,13 +196,15 @@ MALFORMED = [
     ("wrong_hidden_size", dict(hidden=("float32", [4, 32], None)), "INVALID_ARGUMENT",
      "hidden must have shape [N, 64], got [4, 32]"),
     ("one_dim_hidden", dict(hidden=("float32", [4], 16)), "INVALID_ARGUMENT", "hidden must have shape [N, 64]"),
-    ("unknown_slot", dict(moe_layer=1, slot_ids=[42]), "NOT_FOUND", "slot 42 of MoE layer 1 is not loaded on shard 0"),
+    ("no_experts", dict(experts=[]), "INVALID_ARGUMENT",
+     "experts has 0 entries but slot_ids has 1 (name the logical expert expected in each slot)"),
     ("experts_length", dict(experts=[1, 2]), "INVALID_ARGUMENT", "experts has 2 entries but slot_ids has 1"),
     ("expert_out_of_range", dict(experts=[8]), "INVALID_ARGUMENT", "logical expert 8 out of range [0, 8)"),
     ("wrong_expert", dict(experts=[2], epoch=6), "NOT_FOUND",
      "slot 1 of MoE layer 0 holds expert(s) [1], not 2 (router placement epoch 6 is stale)"),
     ("unknown_slot_named_expert", dict(moe_layer=1, slot_ids=[42], experts=[2], epoch=3), "NOT_FOUND",
-     "slot 42 of MoE layer 1 holds expert(s) [], not 2 (router placement epoch 3 is stale, or shard 0 lost"),
+     "slot 42 of MoE layer 1 is not loaded on shard 0, not expert 2 (router placement epoch 3 is stale, or shard 0 "
+     "lost its slots (restart))"),
 ]
 
 
@@ -245,15 +251,15 @@ def test_empty_batch_and_a_refusal_through_the_transport(setup):
     req = pb.ComputeRequest(moe_layer=0)
     tensor_to_proto(torch.empty(0, spec.hidden_size), out=req.hidden)
     assert list(stub.Compute(req, timeout=10).output.shape) == [0, spec.hidden_size]
-    from router_service.transport import ShardBatch
+    from moeyard.router_service.transport import ShardBatch
 
-    bad = ShardBatch(0, [42], [2], torch.zeros(2, spec.hidden_size))
+    bad = ShardBatch(0, [42], [2], torch.zeros(2, spec.hidden_size), [2])
     with GrpcTransport({0: setup["server"].address}) as remote:
         with pytest.raises(StalePlacement) as e:  # NOT_FOUND: the router's placement is stale
             remote.submit(0, [bad], 0).result(timeout=30)
         assert e.value.shard == 0
         assert "slot 42 of MoE layer 0 is not loaded on shard 0" in str(e.value)
-        bad_rows = ShardBatch(0, [1], [3], torch.zeros(2, spec.hidden_size))
+        bad_rows = ShardBatch(0, [1], [3], torch.zeros(2, spec.hidden_size), [1])
         with pytest.raises(ShardCallError) as e:  # any other refusal stays a ShardCallError
             remote.submit(0, [bad_rows], 0).result(timeout=30)
         assert e.value.shard == 0 and e.value.code == grpc.StatusCode.INVALID_ARGUMENT
@@ -262,8 +268,8 @@ def test_empty_batch_and_a_refusal_through_the_transport(setup):
 def test_bad_assignments_fail_the_constructor(setup):
     with pytest.raises(ValueError, match=r"expert shard 4: logical expert 99 out of range \[0, 8\)"):
         ExpertServer(4, setup["spec"], setup["ckpt"], "float32", {0: [(0, 99)]})
-    with pytest.raises(ValueError, match="unsupported expert dtype 'float16'"):
-        ExpertServer(4, setup["spec"], setup["ckpt"], "float16", {0: [(0, 1)]})
+    with pytest.raises(ValueError, match="unsupported dtype 'float64'"):
+        ExpertServer(4, setup["spec"], setup["ckpt"], "float64", {0: [(0, 1)]})
 
 
 def test_concurrent_computes_while_slots_move(setup):
@@ -320,7 +326,7 @@ def shard(setup):
     spec = setup["spec"]
     server = ExpertServer(0, spec, setup["ckpt"], torch.float32,
                           {layer: [(e, e) for e in range(E)] for layer in range(spec.num_moe_layers)})
-    channel = grpc.insecure_channel(server.address, options=grpc_options())
+    channel = grpc.insecure_channel(server.address, options=grpc_options(EXPERT_MAX_MESSAGE_BYTES))
     per_slot = 3 * spec.hidden_size * spec.moe.intermediate_size * 4
     yield dict(spec=spec, server=server, stub=pb_grpc.ExpertServiceStub(channel), per_slot=per_slot,
                ref=setup["local"].shards[0])  # the module's in-process copy: slot e holds expert e
@@ -332,14 +338,14 @@ def _x(spec, rows=6, seed=11):
     return torch.randn(rows, spec.hidden_size, generator=torch.Generator().manual_seed(seed))
 
 
-def _call(stub, x, slot_ids, counts, experts=(), moe_layer=MIG_LAYER, epoch=0):
+def _call(stub, x, slot_ids, counts, experts, moe_layer=MIG_LAYER, epoch=0):
     req = pb.ComputeRequest(moe_layer=moe_layer, epoch=epoch, slot_ids=slot_ids, counts=counts, experts=experts)
     tensor_to_proto(x, out=req.hidden)
     return tensor_from_proto(stub.Compute(req, timeout=30).output)
 
 
 def _want(shard, expert, x, moe_layer=MIG_LAYER):
-    return shard["ref"].compute(moe_layer, [expert], [x.shape[0]], x)
+    return shard["ref"].compute(moe_layer, [expert], [x.shape[0]], x, [expert])
 
 
 def _stage(stub, expert=NEW, slot=MIG_SLOT, moe_layer=MIG_LAYER):
@@ -369,17 +375,18 @@ def test_staged_slot_serves_both_experts_exactly(shard):
     assert torch.equal(got, want)
 
 
-def test_legacy_request_on_a_doubly_held_slot_is_refused(shard):
+def test_a_request_that_names_no_expert_is_refused(shard):
+    """Every slot's expert must be named, whether the slot holds one copy or two (a migration)."""
     spec, stub = shard["spec"], shard["stub"]
     x = _x(spec)
     _stage(stub)
-    with pytest.raises(grpc.RpcError) as e:
-        _call(stub, x, [MIG_SLOT], [6], epoch=4)
-    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert f"slot {MIG_SLOT} of MoE layer {MIG_LAYER} holds experts [{OLD}, {NEW}]" in e.value.details()
-    assert "must name the expert" in e.value.details()
-    # legacy requests to single-copy slots are still served
-    assert torch.equal(_call(stub, x, [3], [6]), _want(shard, 3, x))
+    for slots in ([MIG_SLOT], [3]):
+        with pytest.raises(grpc.RpcError) as e:
+            _call(stub, x, slots, [6], [], epoch=4)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details() == ("experts has 0 entries but slot_ids has 1 "
+                                     "(name the logical expert expected in each slot)")
+    assert torch.equal(_call(stub, x, [3], [6], [3]), _want(shard, 3, x))
 
 
 def test_unloading_the_old_expert_leaves_the_new_one_and_frees_its_bytes(shard):
@@ -396,7 +403,6 @@ def test_unloading_the_old_expert_leaves_the_new_one_and_frees_its_bytes(shard):
     assert server.status()["slots"][MIG_LAYER] == sorted([(e, e) for e in range(E) if e != OLD] + [(MIG_SLOT, NEW)])
     assert stub.Status(pb.StatusRequest(), timeout=10).weight_bytes == before
     assert torch.equal(_call(stub, x, [MIG_SLOT], [6], [NEW], epoch=4), _want(shard, NEW, x))
-    assert torch.equal(_call(stub, x, [MIG_SLOT], [6]), _want(shard, NEW, x))  # one copy again: legacy is fine
     with pytest.raises(grpc.RpcError) as e:
         _call(stub, x, [MIG_SLOT], [6], [OLD], epoch=3)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
@@ -438,25 +444,25 @@ def test_replacing_load_drops_both_copies(shard):
 
 
 def test_computes_stay_exact_while_a_slot_migrates_back_and_forth(shard):
-    """Threads keep computing (old expert named on the migrating slot, legacy elsewhere) while loads and
+    """Threads keep computing (old expert named on the migrating slot, another slot beside) while loads and
     unloads of a second copy run on another thread: every answer is the right expert's, none fails."""
     spec, stub = shard["spec"], shard["stub"]
     x = _x(spec, rows=8, seed=4)
     want_named = torch.cat([_want(shard, 1, x[:3]), _want(shard, OLD, x[3:])])
-    want_legacy = _want(shard, 6, x)
+    want_other = _want(shard, 6, x)
     errors: list[BaseException] = []
     counts = [0, 0]
     stop = threading.Event()
 
     def hammer(i):
-        channel = grpc.insecure_channel(shard["server"].address, options=grpc_options())
+        channel = grpc.insecure_channel(shard["server"].address, options=grpc_options(EXPERT_MAX_MESSAGE_BYTES))
         s = pb_grpc.ExpertServiceStub(channel)
         try:
             while not stop.is_set():
                 if i == 0:
                     assert torch.equal(_call(s, x, [1, MIG_SLOT], [3, 5], [1, OLD]), want_named)
                 else:
-                    assert torch.equal(_call(s, x, [6], [8]), want_legacy)
+                    assert torch.equal(_call(s, x, [6], [8], [6]), want_other)
                 counts[i] += 1
         except BaseException as e:  # reported below
             errors.append(e)
@@ -489,7 +495,7 @@ def test_computes_stay_exact_while_a_slot_migrates_back_and_forth(shard):
 
 def test_compute_is_served_while_a_load_builds_its_weights(shard, monkeypatch):
     """A LoadSlots stuck building its new stacks does not hold Compute back (it runs on the current table)."""
-    from expert_actors.slots import SlotTable
+    from moeyard.expert_actors.slots import SlotTable
 
     spec, stub, server = shard["spec"], shard["stub"], shard["server"]
     x = _x(spec)
@@ -508,7 +514,9 @@ def test_compute_is_served_while_a_load_builds_its_weights(shard, monkeypatch):
     try:
         assert building.wait(30)
         assert torch.equal(_call(stub, x, [MIG_SLOT], [6], [OLD]), _want(shard, OLD, x))
-        assert torch.equal(_call(stub, x, [MIG_SLOT], [6]), _want(shard, OLD, x))  # not swapped in yet
+        with pytest.raises(grpc.RpcError) as e:  # the staged copy is not swapped in yet
+            _call(stub, x, [MIG_SLOT], [6], [NEW])
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
         assert (MIG_SLOT, NEW) not in server.status()["slots"][MIG_LAYER]
     finally:
         release.set()

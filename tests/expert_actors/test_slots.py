@@ -1,4 +1,5 @@
-"""ExpertSlots tables: (slot, expert) copies, staged loads next to a slot's copy, releases that free only the released copy."""
+"""ExpertSlots tables: (slot, expert) copies, staged loads next to a slot's copy, releases that free only the
+released copy."""
 
 from __future__ import annotations
 
@@ -10,15 +11,14 @@ import weakref
 import pytest
 import torch
 
-from cluster.checkpoint import CheckpointReader
-from cluster.spec import load_spec
-from expert_actors.slots import (
-    AmbiguousSlot,
+from moeyard.expert_actors.slots import (
     ExpertSlots,
     SlotFull,
     SlotNotHeld,
     SlotTable,
 )
+from moeyard.model.checkpoint import CheckpointReader
+from moeyard.model.spec import load_spec
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def mix(hf_models):
 
 def _want(mix, layer, expert, x=None):
     x = mix["x"] if x is None else x
-    return mix["ref"].compute(layer, [expert], [x.shape[0]], x)
+    return mix["ref"].compute(layer, [expert], [x.shape[0]], x, [expert])
 
 
 def test_staged_copy_answers_next_to_the_old_one(mix):
@@ -52,9 +52,8 @@ def test_staged_copy_answers_next_to_the_old_one(mix):
     got = slots.compute(1, [10, 11, 11], [1, 2, 2], x, [2, 5, 3])
     want = torch.cat([_want(mix, 1, 2, x[:1]), _want(mix, 1, 5, x[1:3]), _want(mix, 1, 3, x[3:])])
     assert torch.equal(got, want)
-    with pytest.raises(AmbiguousSlot, match=r"slot 11 of MoE layer 1 holds experts \[5, 3\]"):
-        slots.compute(1, [11], [5], x)  # legacy: no expert named
-    assert torch.equal(slots.compute(1, [10], [5], x), _want(mix, 1, 2))  # single-copy slots stay legacy-ok
+    with pytest.raises(ValueError, match="experts has 0 entries but slot_ids has 1"):
+        slots.compute(1, [11], [5], x, [])  # every slot's expert must be named
 
 
 def test_wrong_or_missing_expert_is_slot_not_held(mix):
@@ -67,7 +66,7 @@ def test_wrong_or_missing_expert_is_slot_not_held(mix):
     again = pickle.loads(pickle.dumps(e.value))
     assert type(again) is SlotNotHeld and str(again) == str(e.value)
     with pytest.raises(SlotNotHeld, match="slot 13 of MoE layer 1 is not loaded"):
-        slots.compute(1, [13], [5], x)
+        slots.compute(1, [13], [5], x, [5])
     with pytest.raises(ValueError, match="experts has 1 entries but slot_ids has 2"):
         slots.compute(1, [10, 11], [2, 3], x, [2])
 
@@ -77,7 +76,7 @@ def test_unload_one_expert_keeps_the_other(mix):
     slots.load(mix["reader"], 1, [(11, 3)], stage=True)
     assert slots.unload(1, [(11, 5)]) == 1
     assert slots.pairs(1) == [(10, 2), (11, 3), (12, 7)]
-    assert torch.equal(slots.compute(1, [11], [5], x), _want(mix, 1, 3))  # legacy works again: one copy
+    assert torch.equal(slots.compute(1, [11], [5], x, [3]), _want(mix, 1, 3))
     with pytest.raises(SlotNotHeld, match=r"holds expert\(s\) \[3\], not 5"):
         slots.compute(1, [11], [5], x, [5])
     assert slots.unload(1, [(11, 5), (40, None), 41]) == 0  # not held: ignored
@@ -160,7 +159,8 @@ def test_load_does_not_block_compute(mix, monkeypatch):
     try:
         assert building.wait(30)
         assert torch.equal(slots.compute(1, [11], [5], x, [5]), _want(mix, 1, 5))
-        assert torch.equal(slots.compute(1, [11], [5], x), _want(mix, 1, 5))  # still one copy: legacy fine
+        with pytest.raises(SlotNotHeld):  # the staged copy is not in the current table yet
+            slots.compute(1, [11], [5], x, [3])
         assert slots.pairs(1) == [(10, 2), (11, 5), (12, 7)]
     finally:
         release.set()

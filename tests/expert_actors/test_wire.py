@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from expert_actors.wire import dtype_name, tensor_from_bytes, tensor_from_proto, tensor_to_proto, wire_dtype
+from moeyard.expert_actors.wire import dtype_name, tensor_from_bytes, tensor_from_proto, tensor_to_proto, wire_dtype
 from moeyard.v1 import expert_pb2 as pb
 
 

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from attention.engine import build_local_experts
-from cluster.spec import load_spec
-from router_service.dispatch import ExpertDispatcher, plan_dispatch
-from router_service.placement import Placement, round_robin_placement
+from moeyard.attention.engine import build_local_experts
+from moeyard.model.spec import load_spec
+from moeyard.router_service.dispatch import ExpertDispatcher, plan_dispatch
+from moeyard.router_service.placement import Placement, round_robin_placement
 
 
 def _expert(f, family: str, layer: int, e: int):
@@ -52,6 +52,9 @@ class _Recording:
     def submit(self, moe_layer, batches, epoch):
         self.batches.append((moe_layer, list(batches), epoch))
         return self.inner.submit(moe_layer, batches, epoch)
+
+    def refresh(self, shard):
+        pass
 
     def close(self):
         self.inner.close()

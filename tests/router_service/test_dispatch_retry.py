@@ -7,12 +7,12 @@ from concurrent.futures import Future
 import pytest
 import torch
 
-from attention.engine import build_local_experts
-from cluster.checkpoint import CheckpointReader
-from cluster.spec import load_spec
-from router_service.dispatch import ExpertDispatcher
-from router_service.placement import ExpertsUnavailable, Placement
-from router_service.transport import ShardUnavailable
+from moeyard.attention.engine import build_local_experts
+from moeyard.model.checkpoint import CheckpointReader
+from moeyard.model.spec import load_spec
+from moeyard.router_service.dispatch import ExpertDispatcher
+from moeyard.router_service.placement import ExpertsUnavailable, Placement
+from moeyard.router_service.transport import ShardUnavailable
 
 
 class FlakyTransport:
@@ -83,8 +83,8 @@ def _patch_routing(engine, prompt_a, prompt_b):
 def test_lost_expert_fails_only_the_requests_routed_to_it(hf_models):
     """Request A's tokens need expert 7, whose only copy is on a dead shard; request B
     never does: A ends with an error, B completes with the tokens it gets when healthy."""
-    from attention.engine import EngineConfig, LLMEngine
-    from attention.sequence import SamplingParams
+    from moeyard.attention.engine import EngineConfig, LLMEngine
+    from moeyard.attention.sequence import SamplingParams
 
     ckpt, _ = hf_models("mixtral")
     params = SamplingParams(max_tokens=8, ignore_eos=True)

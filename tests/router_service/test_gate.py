@@ -1,9 +1,9 @@
-"""router_service.gate against transformers 5.23's own router modules.
+"""moeyard.router_service.gate against transformers 5.23's own router modules.
 
 Each family's router is built from a tiny transformers config, its weight is
 copied into our pure functions, and both run on the same random tokens: the
 chosen ids must be identical (order included) and the weights equal to 1e-6.
-The gate config comes from ``cluster.spec.spec_from_config(config.to_dict())``
+The gate config comes from ``moeyard.model.spec.spec_from_config(config.to_dict())``
 so the spec -> gate path is checked too.
 """
 
@@ -13,20 +13,6 @@ import math
 
 import pytest
 import torch
-
-from cluster.spec import MoESpec, spec_from_config
-from router_service.gate import (
-    GateConfig,
-    apply_capacity,
-    capacity_keep_mask,
-    count_dropped,
-    expert_capacity,
-    gate,
-    router_logits,
-    select_experts,
-)
-
-import transformers  # noqa: E402  (the test extra installs it: the reference oracle)
 from transformers.models.deepseek_v2.configuration_deepseek_v2 import DeepseekV2Config  # noqa: E402
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter  # noqa: E402
 from transformers.models.deepseek_v3.configuration_deepseek_v3 import DeepseekV3Config  # noqa: E402
@@ -39,6 +25,18 @@ from transformers.models.qwen2_moe.configuration_qwen2_moe import Qwen2MoeConfig
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter  # noqa: E402
 from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig  # noqa: E402
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter  # noqa: E402
+
+from moeyard.model.spec import MoESpec, spec_from_config
+from moeyard.router_service.gate import (
+    GateConfig,
+    apply_capacity,
+    capacity_keep_mask,
+    count_dropped,
+    expert_capacity,
+    gate,
+    router_logits,
+    select_experts,
+)
 
 HIDDEN = 32
 TOKENS = 64

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention.engine import EngineConfig, LLMEngine
-from attention.sequence import SamplingParams
-from cluster.spec import load_spec
-from expert_actors.server import ExpertServer
-from router_service.dispatch import plan_dispatch
-from router_service.grpc_transport import GrpcTransport
-from router_service.placement import Placement
-from router_service.transport import ShardUnavailable
+from moeyard.attention.engine import EngineConfig, LLMEngine
+from moeyard.attention.sequence import SamplingParams
+from moeyard.expert_actors.server import ExpertServer
+from moeyard.model.spec import load_spec
+from moeyard.router_service.dispatch import plan_dispatch
+from moeyard.router_service.grpc_transport import GrpcTransport
+from moeyard.router_service.placement import Placement
+from moeyard.router_service.transport import ShardUnavailable
 
 PROMPT_LENS = [5, 11, 17, 26]
 NEW_TOKENS = 16
@@ -79,14 +79,16 @@ def test_replicated_expert_copies_give_identical_rows(cluster):
     expert = int(placement.phy2log[0, 4])  # shard 0's extra slot holds a copy of a shard-1 expert
     slots = placement.log2phy[0, expert][placement.log2phy[0, expert] >= 0].tolist()
     assert sorted(placement.shard_of(s) for s in slots) == [0, 1]
-    from router_service.transport import ShardBatch
+    from moeyard.router_service.transport import ShardBatch
 
-    outs = transport.submit(0, [ShardBatch(placement.shard_of(s), [s], [6], x) for s in slots], 0).result(30)
+    outs = transport.submit(0, [ShardBatch(placement.shard_of(s), [s], [6], x, [expert]) for s in slots],
+                            0).result(30)
     assert torch.equal(outs[0], outs[1])
 
 
 def test_stopped_shard_fails_with_shard_unavailable_then_refresh_recovers(cluster):
-    spec, placement, servers, addresses = cluster["spec"], cluster["placement"], cluster["servers"], cluster["addresses"]
+    spec, placement = cluster["spec"], cluster["placement"]
+    servers, addresses = cluster["servers"], cluster["addresses"]
     transport = GrpcTransport(addresses, timeout_s=10)  # its own channels: the other tests keep theirs
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(12, spec.hidden_size, generator=g)
@@ -114,29 +116,27 @@ def test_stopped_shard_fails_with_shard_unavailable_then_refresh_recovers(cluste
 
 def test_unknown_shard_and_closed_transport():
     t = GrpcTransport({0: "127.0.0.1:1"}, timeout_s=5)
-    from router_service.transport import ShardBatch
+    from moeyard.router_service.transport import ShardBatch
 
     with pytest.raises(ShardUnavailable) as e:
-        t.submit(0, [ShardBatch(3, [0], [1], torch.zeros(1, 4))], 0).result(timeout=10)
+        t.submit(0, [ShardBatch(3, [0], [1], torch.zeros(1, 4), [0])], 0).result(timeout=10)
     assert e.value.shard == 3 and "no address known" in str(e.value)
     with pytest.raises(ShardUnavailable) as e:  # nothing listens on port 1: connection refused
-        t.submit(0, [ShardBatch(0, [0], [1], torch.zeros(1, 4))], 0).result(timeout=10)
+        t.submit(0, [ShardBatch(0, [0], [1], torch.zeros(1, 4), [0])], 0).result(timeout=10)
     assert e.value.shard == 0 and "UNAVAILABLE" in str(e.value)
     assert t.submit(0, [], 0).result(timeout=1) == []
     t.close()
     with pytest.raises(RuntimeError, match="closed"):
-        t.submit(0, [ShardBatch(0, [0], [1], torch.zeros(1, 4))], 0).result(timeout=10)
+        t.submit(0, [ShardBatch(0, [0], [1], torch.zeros(1, 4), [0])], 0).result(timeout=10)
 
 
 def test_live_migration_old_and_new_routers_then_stale_placement(hf_models):
     """Slot 8 moves from a second copy of expert 3 to a copy of expert 6 while two routers (epochs 0 and 1)
     send work: both get exact outputs during the window; after the old copy goes, the epoch-0 router gets
     StalePlacement naming the slot, and the epoch-1 router is still served."""
-    import grpc
 
-    from attention.engine import build_local_experts
-    from router_service.grpc_transport import ShardCallError
-    from router_service.transport import ShardBatch, StalePlacement
+    from moeyard.attention.engine import build_local_experts
+    from moeyard.router_service.transport import ShardBatch, StalePlacement
 
     ckpt, _ = hf_models("mixtral")
     spec = load_spec(ckpt)
@@ -171,12 +171,9 @@ def test_live_migration_old_and_new_routers_then_stale_placement(hf_models):
                     batches, got = run(placement, t, layer)
                     want = ref.submit(layer, batches, placement.epoch).result()
                     assert all(torch.equal(a, b) for a, b in zip(got, want))
-            # a router that names no expert is refused (not a stale placement: a call error)
-            x = hidden[:2]
-            with pytest.raises(ShardCallError) as e:
-                t.submit(0, [ShardBatch(0, [8], [2], x)], 1).result(timeout=30)
-            assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
-            assert not isinstance(e.value, ShardUnavailable)
+            # a batch must name the expert of every slot (the shard refuses one that does not: test_server)
+            with pytest.raises(ValueError, match="experts has 0 entries"):
+                ShardBatch(0, [8], [2], hidden[:2], [])
             # (3) release the old copy
             assert t.unload_slots(0, [(layer, 8, 3) for layer in range(L)]) == L
             assert t.status(0)["slots"][0][-1:] == [(8, 6)]
@@ -193,7 +190,7 @@ def test_live_migration_old_and_new_routers_then_stale_placement(hf_models):
             batches, got = run(new, t, 0)
             assert all(torch.equal(a, b) for a, b in zip(got, ref_new.submit(0, batches, 1).result()))
             assert t.unload_slots(0, [(0, 8)]) == 1
-            with pytest.raises(StalePlacement, match="slot 8 of MoE layer 0 holds expert\\(s\\) \\[\\], not 6"):
+            with pytest.raises(StalePlacement, match="slot 8 of MoE layer 0 is not loaded on shard 0, not expert 6"):
                 run(new, t, 0)
     finally:
         server.stop(0)

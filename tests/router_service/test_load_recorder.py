@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 import torch
 
-from router_service.load_recorder import LoadRecorder, LoadSnapshot
-from router_service.placement import round_robin_placement
+from moeyard.router_service.load_recorder import LoadRecorder, LoadSnapshot
+from moeyard.router_service.placement import round_robin_placement
 
 pytestmark = pytest.mark.timeout(60)
 

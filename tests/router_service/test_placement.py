@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router_service.placement import Placement, rank_within_expert, round_robin_placement
+from moeyard.router_service.placement import Placement, rank_within_expert, round_robin_placement
 
 
 def _ref_tables(phy2log: list[list[int]]) -> tuple[list[list[int]], list[list[list[int]]]]:

@@ -5,12 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from router_service.synthetic_load import zipf_load
-from router_service.placement import Placement, round_robin_placement
-from router_service.planner import (balancedness, count_moves, greedy_baseline, min_balancedness,
-                                    placement_shard_load, plan_placement)
+from bench.synthetic_load import zipf_load
+from moeyard.router_service.placement import Placement, round_robin_placement
+from moeyard.router_service.planner import (
+    balancedness,
+    count_moves,
+    greedy_baseline,
+    min_balancedness,
+    placement_shard_load,
+    plan_placement,
+)
 
 
 def check_invariants(p: Placement, L: int, E: int, N: int, S: int) -> None:

@@ -25,16 +25,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.autoscale_policy import AutoscalerSettings
-from cluster.config import ClusterConfig, EngineSettings
-from cluster.dashboard.settings import DashboardSettings
-from cluster.load_store import read_load
-from cluster.make_model import MakeModelOptions, make_model
-from cluster.placement_store import read_events, read_placement
-from cluster.redis_conn import RedisSettings
-from cluster.redis_server import LocalRedis
-from cluster.serve_app import APP_NAME, build_app
 from moeyard.client import AsyncMoeyardClient
+from moeyard.cluster.config import ClusterConfig, EngineSettings
+from moeyard.cluster.control.load_store import read_load
+from moeyard.cluster.control.placement_store import read_events, read_placement
+from moeyard.cluster.infra.redis_server import LocalRedis
+from moeyard.cluster.serving.app import APP_NAME, build_app
+from moeyard.cluster.settings.autoscaler import AutoscalerSettings
+from moeyard.cluster.settings.dashboard import DashboardSettings
+from moeyard.cluster.settings.redis import RedisSettings
+from moeyard.model.make_model import make_model
+from moeyard.model.make_model_options import MakeModelOptions
 
 pytestmark = pytest.mark.timeout(600)
 TOKEN = "dashboard-e2e-token-0123456789"
@@ -209,7 +210,7 @@ def test_dashboard_shows_load_placement_and_timeline(cluster, redis_info, artifa
             with concurrent.futures.ThreadPoolExecutor(1) as pool:  # Playwright's sync API owns this thread's loop
                 result = pool.submit(lambda: serve.get_deployment_handle("Autoscaler", APP_NAME)
                                      .rebalance.remote().result(timeout_s=120)).result(180)
-            assert result["acted"], result
+            assert result.acted, result
             epoch1, expected1 = _redis_placement(client)
             assert epoch1 > epoch0
             _wait(lambda: page.locator("#panel-timeline tr.event[data-kind='rebalance']").count() > rows_before,
@@ -238,7 +239,7 @@ def test_live_metrics_auth_and_top(cluster, redis_info):
     from prometheus_client.parser import text_string_to_metric_families
     from rich.console import Console
 
-    from cluster.top import run_top
+    from moeyard.cluster.cli.top import run_top
 
     url = cluster["url"]
     with pytest.raises(urllib.error.HTTPError) as e:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.dashboard.render import (
+from moeyard.cluster.dashboard.render import (
     PANELS,
     fmt_bytes,
     fmt_params,
@@ -17,9 +17,8 @@ from cluster.dashboard.render import (
     heat_color,
     render_panels,
 )
-from cluster.dashboard.state import (
+from moeyard.cluster.dashboard.state import (
     DashboardState,
-    Economics,
     EventView,
     HeatmapView,
     PlacementView,
@@ -28,6 +27,7 @@ from cluster.dashboard.state import (
     ShardHealth,
     ShardSeries,
 )
+from moeyard.model.economics import Economics
 
 STATIC = Path(__file__).resolve().parents[3] / "cluster" / "dashboard" / "static"
 NOW = 1_700_000_000.0

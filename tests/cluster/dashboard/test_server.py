@@ -13,17 +13,18 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.autoscaler_metrics import AutoscalerMetrics
-from cluster.dashboard.collect import DashboardSource
-from cluster.dashboard.server import COOKIE, DashboardServer, session_value
-from cluster.dashboard.settings import DashboardSettings
-from cluster.load_store import LoadFlusher
-from cluster.placement_store import Event, push_event, write_placement
-from cluster.redis_conn import RedisSettings, connect
-from cluster.replica_metrics import ReplicaMetrics, RequestTimer
-from cluster.telemetry import publish
-from router_service.load_recorder import LoadRecorder
-from router_service.placement import Placement
+from moeyard.cluster.control.autoscaler_metrics import AutoscalerMetrics
+from moeyard.cluster.control.load_store import LoadFlusher
+from moeyard.cluster.control.placement_store import Event, push_event, write_placement
+from moeyard.cluster.dashboard.collect import DashboardSource
+from moeyard.cluster.dashboard.server import COOKIE, DashboardServer, session_value
+from moeyard.cluster.infra.redis_conn import connect
+from moeyard.cluster.infra.telemetry import publish
+from moeyard.cluster.serving.replica_metrics import ReplicaMetrics, RequestTimer
+from moeyard.cluster.settings.dashboard import DashboardSettings
+from moeyard.cluster.settings.redis import RedisSettings
+from moeyard.router_service.load_recorder import LoadRecorder
+from moeyard.router_service.placement import Placement
 
 pytestmark = pytest.mark.timeout(120)
 TOKEN = "s3cret-dashboard-token"

@@ -1,0 +1,1 @@
+"""The sections of the cluster config (pydantic models, no I/O)."""

@@ -1,0 +1,88 @@
+"""ExpertSlots on a real checkpoint against per-token reference loops: each slot computes its expert."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from moeyard.expert_actors.slots import ExpertSlots
+from moeyard.model.checkpoint import CheckpointReader
+from moeyard.model.spec import load_spec
+from tests.model.test_ffn import _ffn_ref_token
+
+
+def _expert_from_file(ckpt, layer: int, expert: int):
+    """(gate, up, down) of a Mixtral expert, read with safetensors directly."""
+    p = f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
+    with safe_open(ckpt / "model.safetensors", framework="pt") as f:
+        return f.get_tensor(f"{p}.w1.weight"), f.get_tensor(f"{p}.w3.weight"), f.get_tensor(f"{p}.w2.weight")
+
+
+@pytest.fixture
+def mixtral_slots(hf_models):
+    ckpt, _ = hf_models("mixtral")
+    spec = load_spec(ckpt)
+    slots = ExpertSlots(spec, torch.float32)
+    # global slot ids need not start at 0 on a shard; expert 5 has two copies
+    slots.load(CheckpointReader(ckpt), 1, [(9, 5), (10, 2), (11, 7), (12, 5)])
+    return ckpt, spec, slots
+
+
+def test_expert_slots_compute_uses_each_slots_expert(mixtral_slots):
+    ckpt, spec, slots = mixtral_slots
+    layer = spec.moe_layers[1]
+    slot_ids, counts = [9, 11, 12], [2, 3, 1]
+    x = torch.randn(6, spec.hidden_size, generator=torch.Generator().manual_seed(8))
+    out = slots.compute(1, slot_ids, counts, x, [5, 7, 5])
+    experts = [5, 5, 7, 7, 7, 5]
+    ref = torch.stack([_ffn_ref_token(x[t], *_expert_from_file(ckpt, layer, e)) for t, e in enumerate(experts)])
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    # both copies of expert 5 compute the same thing
+    a = slots.compute(1, [9], [1], x[:1], [5])
+    b = slots.compute(1, [12], [1], x[:1], [5])
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_expert_slots_bf16_casts_input(hf_models):
+    ckpt, _ = hf_models("mixtral")
+    spec = load_spec(ckpt)
+    slots = ExpertSlots(spec, torch.bfloat16)
+    slots.load(CheckpointReader(ckpt), 0, [(0, 3)])
+    x = torch.randn(3, spec.hidden_size, generator=torch.Generator().manual_seed(9))
+    out = slots.compute(0, [0], [3], x, [3])
+    assert out.dtype == torch.bfloat16
+    g, u, d = (t.bfloat16().float() for t in _expert_from_file(ckpt, spec.moe_layers[0], 3))
+    ref = torch.stack([_ffn_ref_token(x[t].bfloat16().float(), g, u, d) for t in range(3)])
+    assert (out.double() - ref).abs().max() < 0.05 * ref.abs().max() + 1e-3
+
+
+def test_unknown_slot_is_a_key_error_naming_it(mixtral_slots):
+    _, spec, slots = mixtral_slots
+    x = torch.zeros(2, spec.hidden_size)
+    with pytest.raises(KeyError) as ei:
+        slots.compute(1, [9, 77], [1, 1], x, [5, 5])
+    assert "77" in str(ei.value)
+    with pytest.raises(KeyError, match="MoE layer 0"):
+        slots.compute(0, [9], [2], x, [5])  # nothing loaded for that layer
+
+
+def test_unload_removes_slot(mixtral_slots):
+    _, spec, slots = mixtral_slots
+    x = torch.randn(1, spec.hidden_size)
+    slots.compute(1, [10], [1], x, [2])  # builds the stacked weights
+    slots.unload(1, [10])
+    assert 10 not in slots.slots(1)
+    with pytest.raises(KeyError, match="10"):
+        slots.compute(1, [10], [1], x, [2])
+    assert slots.compute(1, [11], [1], x, [7]).shape == (1, spec.hidden_size)
+
+
+def test_expert_slots_refuse_bad_expert_and_dense_model(hf_models):
+    ckpt, _ = hf_models("mixtral")
+    spec = load_spec(ckpt)
+    with pytest.raises(ValueError, match="out of range"):
+        ExpertSlots(spec, torch.float32).load(CheckpointReader(ckpt), 0, [(0, 8)])
+    dense_ckpt, _ = hf_models("llama")
+    with pytest.raises(ValueError, match="no MoE layers"):
+        ExpertSlots(load_spec(dense_ckpt), torch.float32)

@@ -1,1 +1,0 @@
-"""Kubernetes manifests: rendering, offline validation, overlays."""
