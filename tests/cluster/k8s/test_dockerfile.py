@@ -4,6 +4,7 @@ the package and its gRPC stubs installed with the project's pins."""
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -24,12 +25,17 @@ def test_dockerfile_builds_on_the_pinned_ray_and_installs_the_package(flavour):
     (base,) = re.findall(r"^FROM\s+(\S+)", text, re.M)
     assert base.startswith(f"rayproject/ray:{_pin('ray')}-py311-")
     assert base.endswith("-cpu") == (flavour == "cpu")
+    copied = set()
     for src in re.findall(r"^COPY\s+(?:--\S+\s+)*(.+?)\s+\S+$", text, re.M):
         for path in src.split():
             assert (ROOT / path).exists(), f"{DOCKERFILES[flavour].name} copies {path}, which does not exist"
+            copied.add(path)
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    package_dirs = set(setuptools["package-dir"].values())
+    assert package_dirs <= copied, f"{DOCKERFILES[flavour].name} does not copy {sorted(package_dirs - copied)}"
     assert "-c constraints.txt ." in text                          # the package, with the project's pins
     assert "proto/generate.py" in text                             # the gRPC stubs inside the image
-    assert "import moeyard.cluster.serving.app" in text                      # Serve's import path imports in the image
+    assert "import moeyard.cluster.serving.app" in text            # Serve's import path imports in the image
     assert ("download.pytorch.org/whl/cpu" in text) == (flavour == "cpu")
 
 
