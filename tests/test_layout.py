@@ -236,3 +236,33 @@ def test_console_script_runs_outside_the_checkout(tmp_path, args):
     exe = Path(sys.executable).with_name("moeyard")
     r = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 0 and "usage: moeyard" in r.stdout, r.stderr[-3000:]
+
+
+def test_the_data_path_runs_from_a_bare_source_tree(tmp_path):
+    """Without the install (no .pth files processed: no editable finder) and without Ray, Redis or
+    pydantic, ``moeyard.source_tree`` makes the data path import from the tree (a GPU box's case)."""
+    site_dirs = [p for p in sys.path if p.endswith("site-packages")]
+    data_modules = sorted(n for n, p in MODULES.items() if n.startswith(DATA_PATH) and not _is_generated(p))
+    code = (
+        "import sys, importlib\n"
+        f"sys.path[:0] = [{str(ROOT)!r}]\n"
+        f"sys.path += {site_dirs!r}  # plain entries: their .pth files (the editable install) are not run\n"
+        "class Block:\n"
+        f"    names = {FORBIDDEN_ON_DATA_PATH!r}\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in self.names:\n"
+        "            raise ImportError(f'{name} is not installed here')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "try:\n"
+        "    import moeyard.model\n"
+        "except ModuleNotFoundError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise SystemExit('moeyard.model imported without the source-tree finder: the test proves nothing')\n"
+        "import moeyard.source_tree\n"
+        f"for m in {data_modules!r}:\n"
+        "    mod = importlib.import_module(m)\n"
+        f"    assert mod.__file__.startswith({str(ROOT)!r}), mod.__file__\n"
+        "print('ok')\n")
+    r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr[-3000:]
