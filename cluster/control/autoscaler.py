@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+import redis
 import torch
 
 from moeyard.cluster.control.autoscale_policy import Decision, PolicyState, decide, decide_scale
@@ -25,6 +26,7 @@ from moeyard.cluster.control.migration import MigrationError, Migrator, ShardCon
 from moeyard.cluster.control.placement_store import Event, push_event, read_placement, replica_epochs, write_placement
 from moeyard.cluster.settings.autoscaler import AutoscalerSettings
 from moeyard.router_service.placement import Placement
+from moeyard.router_service.planner import min_balancedness
 
 log = logging.getLogger("moeyard.autoscaler")
 
@@ -173,7 +175,6 @@ class AutoscalerCore:
             return self._apply(current, decision, now)
 
     def _scale(self, current: Placement, load: torch.Tensor, step: int, why: str, now: float) -> TickResult:
-        from moeyard.router_service.planner import min_balancedness
 
         t0 = time.monotonic()
         n = current.num_shards + step
@@ -244,6 +245,4 @@ class AutoscalerCore:
 
 
 def _redis_errors():
-    import redis
-
     return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)

@@ -29,6 +29,7 @@ from typing import Protocol
 import torch
 
 from moeyard.router_service.placement import Placement
+from moeyard.router_service.planner import plan_placement
 
 log = logging.getLogger("moeyard.migration")
 
@@ -255,8 +256,6 @@ def scale_target(load: torch.Tensor, current: Placement, num_shards: int) -> Pla
     the planner's relabelling keeps the old shards' slots. Shrinking: the plan is matched
     against the first ``num_shards`` shards.
     """
-    from moeyard.router_service.planner import plan_placement
-
     n, sps = current.num_shards, current.slots_per_shard
     if num_shards > n:
         extra = []

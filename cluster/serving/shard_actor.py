@@ -18,11 +18,22 @@ address callable that asks the actor).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import ray
+import torch
+
+from moeyard.cluster.control.placement_store import read_placement
+from moeyard.cluster.infra.net import node_ip
+from moeyard.cluster.infra.redis_conn import connect
+from moeyard.cluster.infra.tls import shard_server_credentials
+from moeyard.cluster.settings.redis import RedisSettings
+from moeyard.cluster.settings.tls import TLSSettings
+from moeyard.expert_actors.server import ExpertServer
+from moeyard.rpc import WILDCARD_HOSTS
 
 
 class ExpertShardActor:
@@ -32,12 +43,6 @@ class ExpertShardActor:
                  dtype: str = "float32", host: str = "127.0.0.1", num_threads: int | None = None,
                  port: int = 0, redis: dict | None = None, fingerprint: str | None = None,
                  tls: dict | None = None):
-        import torch
-
-        from moeyard.cluster.infra.net import node_ip
-        from moeyard.expert_actors.server import ExpertServer
-        from moeyard.rpc import WILDCARD_HOSTS
-
         if num_threads:
             # before anything allocates torch's thread pool
             torch.set_num_threads(int(num_threads))
@@ -79,20 +84,11 @@ def _credentials(tls: dict | None):
     """Mutual-TLS server credentials from a ``TLSSettings`` dict (``None``: plaintext)."""
     if not tls:
         return None
-    from moeyard.cluster.infra.tls import shard_server_credentials
-    from moeyard.cluster.settings.tls import TLSSettings
-
     return shard_server_credentials(TLSSettings.model_validate(tls))
 
 
 def _published_assignments(shard_id: int, redis: dict, fingerprint: str) -> dict | None:
     """This shard's part of the placement in Redis, if one for ``fingerprint`` is there."""
-    import logging
-
-    from moeyard.cluster.control.placement_store import read_placement
-    from moeyard.cluster.infra.redis_conn import connect
-    from moeyard.cluster.settings.redis import RedisSettings
-
     settings = RedisSettings.model_validate(redis)
     if not settings.enabled:
         return None
