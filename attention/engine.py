@@ -27,6 +27,7 @@ from moeyard.attention.sequence import RequestError, RequestOutput, SamplingPara
 from moeyard.attention.tokenizer import TextTokenizer, load_tokenizer
 from moeyard.attention.weights import load_attention_weights
 from moeyard.model.checkpoint import CheckpointReader
+from moeyard.model.devices import resolve_device
 from moeyard.model.dtypes import resolve_dtype
 from moeyard.model.spec import ModelSpec, load_spec
 from moeyard.router_service.dispatch import ExpertDispatcher
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class EngineConfig:
     dtype: str | None = None
+    device: str = "auto"
+    """``auto`` (CUDA where this process has a GPU, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``: where
+    the weights, the KV cache and every tensor of a step live."""
     block_size: int = 16
     num_blocks: int | None = None
     kv_cache_bytes: int = 1 << 30
@@ -62,14 +66,15 @@ class EngineConfig:
 
 
 def build_local_experts(model_dir: str | Path, spec: ModelSpec, placement: Placement, dtype: torch.dtype,
-                        reader: CheckpointReader | None = None) -> InProcessTransport:
-    """Load every shard of ``placement`` into this process (the in-process transport)."""
+                        reader: CheckpointReader | None = None,
+                        device: torch.device | str = "cpu") -> InProcessTransport:
+    """Load every shard of ``placement`` into this process, on ``device`` (the in-process transport)."""
     from moeyard.expert_actors.slots import ExpertSlots
 
     reader = reader or CheckpointReader(model_dir)
     shards = {}
     for shard in range(placement.num_shards):
-        slots = ExpertSlots(spec, dtype)
+        slots = ExpertSlots(spec, dtype, device)
         for moe_layer, pairs in placement.shard_slots(shard).items():
             slots.load(reader, moe_layer, pairs)
         shards[shard] = slots
@@ -85,13 +90,14 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         self.spec = spec = load_spec(model_dir)
         self.dtype = resolve_dtype(config.dtype, spec.torch_dtype)
+        self.device = resolve_device(config.device)
         self.reader = CheckpointReader(model_dir)
-        weights = load_attention_weights(self.reader, spec, self.dtype)
+        weights = load_attention_weights(self.reader, spec, self.dtype, self.device)
         self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
         num_blocks = config.num_blocks or max(
             1, config.kv_cache_bytes // bytes_per_block(spec, config.block_size, self.dtype))
         num_blocks = min(num_blocks, config.max_num_seqs * -(-self.max_model_len // config.block_size) + 1)
-        self.cache = KVCache(spec, num_blocks, config.block_size, self.dtype)
+        self.cache = KVCache(spec, num_blocks, config.block_size, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len), self.blocks)
@@ -104,11 +110,11 @@ class LLMEngine:
             self.placement = placement or round_robin_placement(spec.num_moe_layers, spec.moe.num_experts, 1)
             self.placement.validate(spec.moe.num_experts)
             if transport is None:
-                transport = build_local_experts(model_dir, spec, self.placement, self.dtype)
+                transport = build_local_experts(model_dir, spec, self.placement, self.dtype, device=self.device)
             dispatcher = ExpertDispatcher(self.placement, transport, restart_wait_s=config.expert_restart_wait_s)
             router = MoERouter(gate_cfg, gates, dispatcher)
         self.router = router
-        self.runner = ModelRunner(spec, weights, self.cache, router, self.dtype, self.max_model_len)
+        self.runner = ModelRunner(spec, weights, self.cache, router, self.dtype, self.max_model_len, self.device)
         self.overlap_tuner = OverlapTuner(OverlapTunerConfig(config.overlap_mode)) if config.overlap else None
         self.tokenizer: TextTokenizer | None = load_tokenizer(model_dir)
         self._seqs: dict[str, Sequence] = {}
@@ -172,8 +178,9 @@ class LLMEngine:
             if seq.num_computed + n == seq.num_tokens:
                 sample_rows.append(row - 1)
                 sampled.append(seq)
-        meta = AttnMeta.build(q_lens, ctx_lens, tables, self.blocks.block_size)
-        return (torch.tensor(ids, dtype=torch.int64), meta, torch.tensor(sample_rows, dtype=torch.int64)), sampled
+        meta = AttnMeta.build(q_lens, ctx_lens, tables, self.blocks.block_size, self.device)
+        i64 = dict(dtype=torch.int64, device=self.device)
+        return (torch.tensor(ids, **i64), meta, torch.tensor(sample_rows, **i64)), sampled
 
     @staticmethod
     def _split(pairs: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:

@@ -16,7 +16,7 @@ from moeyard.model.spec import ModelSpec
 
 
 def bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
-    elt = torch.empty((), dtype=dtype).element_size()
+    elt = dtype.itemsize
     if spec.mla:
         per_token = spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim
     else:
@@ -25,15 +25,16 @@ def bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int
 
 
 class KVCache:
-    def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype):
+    def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
         self.num_blocks = num_blocks
         self.block_size = block_size
         n = num_blocks * block_size
         self.mla = spec.mla is not None
         if self.mla:
             width = spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim
-            self.latent = [torch.zeros(n, width, dtype=dtype) for _ in range(spec.num_layers)]
+            self.latent = [torch.zeros(n, width, dtype=dtype, device=device) for _ in range(spec.num_layers)]
         else:
             shape = (n, spec.num_kv_heads, spec.head_dim)
-            self.k = [torch.zeros(shape, dtype=dtype) for _ in range(spec.num_layers)]
-            self.v = [torch.zeros(shape, dtype=dtype) for _ in range(spec.num_layers)]
+            self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+            self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]

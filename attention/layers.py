@@ -43,25 +43,26 @@ class AttnMeta:
     mask: torch.Tensor
 
     @staticmethod
-    def build(q_lens: list[int], ctx_lens: list[int], block_tables: list[list[int]], block_size: int) -> "AttnMeta":
+    def build(q_lens: list[int], ctx_lens: list[int], block_tables: list[list[int]], block_size: int,
+              device: torch.device | str = "cpu") -> "AttnMeta":
+        """The step's indexing on ``device``, from host lists in a few copies (no host sync)."""
         b = len(q_lens)
-        q_len_t = torch.tensor(q_lens, dtype=torch.int64)
-        ctx_t = torch.tensor(ctx_lens, dtype=torch.int64)
+        i64 = dict(dtype=torch.int64, device=device)
+        total, qmax, cmax = sum(q_lens), max(q_lens), max(ctx_lens)
+        q_len_t = torch.tensor(q_lens, **i64)
+        ctx_t = torch.tensor(ctx_lens, **i64)
         starts = torch.cumsum(q_len_t, 0) - q_len_t
         # positions of new tokens: ctx - q_len ... ctx - 1 per sequence
-        seq_of_tok = torch.repeat_interleave(torch.arange(b), q_len_t)
-        offs = torch.arange(int(q_len_t.sum())) - starts[seq_of_tok]
+        seq_of_tok = torch.repeat_interleave(torch.arange(b, **i64), q_len_t, output_size=total)
+        offs = torch.arange(total, **i64) - starts[seq_of_tok]
         positions = (ctx_t - q_len_t)[seq_of_tok] + offs
         max_blocks = max(len(t) for t in block_tables)
-        bt = torch.zeros(b, max_blocks, dtype=torch.int64)
-        for i, t in enumerate(block_tables):
-            bt[i, :len(t)] = torch.tensor(t, dtype=torch.int64)
+        bt = torch.tensor([list(t) + [0] * (max_blocks - len(t)) for t in block_tables], **i64)
         slot_mapping = bt[seq_of_tok, positions // block_size] * block_size + positions % block_size
-        qmax, cmax = int(q_len_t.max()), int(ctx_t.max())
-        qi = torch.arange(qmax)
+        qi = torch.arange(qmax, **i64)
         valid_q = qi.unsqueeze(0) < q_len_t.unsqueeze(1)
         tok_idx = torch.where(valid_q, starts.unsqueeze(1) + qi, torch.zeros_like(qi))
-        kp = torch.arange(cmax)
+        kp = torch.arange(cmax, **i64)
         cache_slots = torch.gather(bt, 1, (kp // block_size).clamp(max=max_blocks - 1).expand(b, -1)) * block_size \
             + kp % block_size
         qpos = (ctx_t - q_len_t).unsqueeze(1) + qi  # [B, Q]

@@ -21,14 +21,15 @@ def _mlp(x: torch.Tensor, w: FFNWeights) -> torch.Tensor:
 
 class ModelRunner:
     def __init__(self, spec: ModelSpec, weights: AttentionModelWeights, cache: KVCache,
-                 router: MoERouter | None, dtype: torch.dtype, max_positions: int):
+                 router: MoERouter | None, dtype: torch.dtype, max_positions: int,
+                 device: torch.device | str = "cpu"):
         self.spec = spec
         self.w = weights
         self.cache = cache
         self.router = router
         self.dtype = dtype
         rot_dim = spec.mla.qk_rope_head_dim if spec.mla else spec.head_dim
-        self.rope = RotaryEmbedding(spec.rope, rot_dim, max_positions, dtype)
+        self.rope = RotaryEmbedding(spec.rope, rot_dim, max_positions, dtype, device)
         self._attn = mla_attention if spec.mla else gqa_attention
         self._moe_index = {layer: i for i, layer in enumerate(spec.moe_layers)}
 

@@ -22,7 +22,7 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 def inv_freq_and_scale(rope: RopeSpec, dim: int, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
     """Inverse frequencies ``[dim/2]`` and the cos/sin scale for a rotary dim."""
     base = rope.theta
-    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     kind = rope.rope_type
     if kind == "default":
         return inv, 1.0
@@ -57,9 +57,9 @@ def inv_freq_and_scale(rope: RopeSpec, dim: int, max_position_embeddings: int) -
         low, high = max(low, 0), min(high, dim - 1)
         if low == high:
             high += 0.001
-        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
         extrap = 1 - ramp
-        pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+        pos_freqs = base ** (torch.arange(0, dim, 2, device="cpu").float() / dim)
         inv = (1.0 / (factor * pos_freqs)) * (1 - extrap) + (1.0 / pos_freqs) * extrap
         return inv, scale
     raise ValueError(f"unsupported rope_type {kind!r}")
@@ -68,13 +68,14 @@ def inv_freq_and_scale(rope: RopeSpec, dim: int, max_position_embeddings: int) -
 class RotaryEmbedding:
     """Precomputed cos/sin tables; ``apply`` rotates ``[T, H, dim]`` at ``positions [T]``."""
 
-    def __init__(self, rope: RopeSpec, dim: int, max_positions: int, dtype: torch.dtype):
-        inv, scale = inv_freq_and_scale(rope, dim, max_positions)
-        t = torch.arange(max_positions, dtype=torch.int64).float()
+    def __init__(self, rope: RopeSpec, dim: int, max_positions: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        inv, scale = inv_freq_and_scale(rope, dim, max_positions)  # on the CPU: the same tables everywhere
+        t = torch.arange(max_positions, dtype=torch.int64, device="cpu").float()
         freqs = torch.outer(t, inv)  # [max_pos, dim/2]
         self.interleaved = rope.interleaved
-        self.cos = (freqs.cos() * scale)
-        self.sin = (freqs.sin() * scale)
+        self.cos = (freqs.cos() * scale).to(device)
+        self.sin = (freqs.sin() * scale).to(device)
         self.dtype = dtype
         self.dim = dim
 

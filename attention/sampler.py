@@ -1,4 +1,8 @@
-"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds."""
+"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds.
+
+Greedy rows take the argmax where the logits are. Rows that sample copy their logits to the host
+and sample there with their request's CPU generator, so a seed gives the same tokens on any device.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     """
     vocab = logits.shape[-1]
     sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
-    rank = torch.arange(vocab).unsqueeze(0)
+    rank = torch.arange(vocab, device=logits.device).unsqueeze(0)
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab)).unsqueeze(1)
     drop = rank >= k
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
@@ -32,21 +36,23 @@ MIN_TOP_P = 1e-7
 
 
 def sample(logits: torch.Tensor, seqs: Seq[Sequence]) -> list[int]:
-    """Pick the next token of each sequence from ``logits [B, V]`` (fp32)."""
-    out = torch.argmax(logits, dim=-1)
+    """Pick the next token of each sequence from ``logits [B, V]`` (fp32, on any device)."""
+    out = torch.argmax(logits, dim=-1).tolist()  # the step's one host sync
     rand = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if rand:
-        rows = torch.tensor(rand)
+        cpu = torch.device("cpu")
+        rows = torch.tensor(rand, dtype=torch.int64, device=logits.device)
+        sub = logits.index_select(0, rows).to(cpu)
         # a temperature or top_p that rounds to 0 in fp32 would turn the row into NaN: the limits
         # (greedy, top token only) are what such values mean
-        temps = torch.tensor([seqs[i].params.temperature for i in rand], dtype=torch.float32)
+        temps = torch.tensor([seqs[i].params.temperature for i in rand], dtype=torch.float32, device=cpu)
         temps = temps.clamp_min(MIN_TEMPERATURE)
-        top_k = torch.tensor([seqs[i].params.top_k for i in rand], dtype=torch.int64)
-        top_p = torch.tensor([seqs[i].params.top_p for i in rand], dtype=torch.float32).clamp_min(MIN_TOP_P)
-        scaled = _filter_top_k_top_p(logits[rows] / temps.unsqueeze(1), top_k, top_p)
+        top_k = torch.tensor([seqs[i].params.top_k for i in rand], dtype=torch.int64, device=cpu)
+        top_p = torch.tensor([seqs[i].params.top_p for i in rand], dtype=torch.float32, device=cpu)
+        scaled = _filter_top_k_top_p(sub / temps.unsqueeze(1), top_k, top_p.clamp_min(MIN_TOP_P))
         probs = torch.softmax(scaled, dim=-1)
-        ok = torch.isfinite(probs).all(dim=1) & (probs.sum(dim=1) > 0)
+        ok = (torch.isfinite(probs).all(dim=1) & (probs.sum(dim=1) > 0)).tolist()
         for j, i in enumerate(rand):
-            if bool(ok[j]):  # else (non-finite logits): the argmax, rather than failing the whole step
-                out[i] = torch.multinomial(probs[j], 1, generator=seqs[i].generator)[0]
-    return out.tolist()
+            if ok[j]:  # else (non-finite logits): the argmax, rather than failing the whole step
+                out[i] = int(torch.multinomial(probs[j], 1, generator=seqs[i].generator)[0])
+    return out

@@ -71,7 +71,7 @@ class Sequence:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
         if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
+            self.generator = torch.Generator(device="cpu").manual_seed(self.params.seed)  # sampling runs on the CPU
 
     @property
     def num_tokens(self) -> int:

@@ -84,12 +84,25 @@ class AttentionModelWeights:
     layers: list[LayerWeights]
 
 
-def _ffn(reader: CheckpointReader, names: FFNNames, d: int, inter: int, dtype) -> FFNWeights:
+class _OnDevice:
+    """A checkpoint reader whose tensors land on ``device`` (one copy each, cast on the way)."""
+
+    def __init__(self, reader: CheckpointReader, device: torch.device):
+        self.reader, self.device = reader, device
+
+    def get(self, name, expected_shape=None, dtype=None) -> torch.Tensor:
+        return self.reader.get(name, expected_shape, dtype).to(self.device)
+
+    def has(self, name: str) -> bool:
+        return self.reader.has(name)
+
+
+def _ffn(reader: _OnDevice, names: FFNNames, d: int, inter: int, dtype) -> FFNWeights:
     return FFNWeights(reader.get(names.gate, (inter, d), dtype), reader.get(names.up, (inter, d), dtype),
                       reader.get(names.down, (d, inter), dtype))
 
 
-def _gqa(reader: CheckpointReader, spec: ModelSpec, layer: int, dtype) -> GQAWeights:
+def _gqa(reader: _OnDevice, spec: ModelSpec, layer: int, dtype) -> GQAWeights:
     p = f"{layer_prefix(layer)}.self_attn"
     d, hd, h, kv = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
     w = GQAWeights(q=reader.get(f"{p}.q_proj.weight", (h * hd, d), dtype),
@@ -111,7 +124,7 @@ def _gqa(reader: CheckpointReader, spec: ModelSpec, layer: int, dtype) -> GQAWei
     return w
 
 
-def _mla(reader: CheckpointReader, spec: ModelSpec, layer: int, dtype) -> MLAWeights:
+def _mla(reader: _OnDevice, spec: ModelSpec, layer: int, dtype) -> MLAWeights:
     m = spec.mla
     assert m is not None
     p = f"{layer_prefix(layer)}.self_attn"
@@ -138,7 +151,10 @@ def _mla(reader: CheckpointReader, spec: ModelSpec, layer: int, dtype) -> MLAWei
     )
 
 
-def load_attention_weights(reader: CheckpointReader, spec: ModelSpec, dtype: torch.dtype) -> AttentionModelWeights:
+def load_attention_weights(reader: CheckpointReader, spec: ModelSpec, dtype: torch.dtype,
+                           device: torch.device | str = "cpu") -> AttentionModelWeights:
+    """Every attention-side tensor of the checkpoint (no routed expert), in ``dtype`` on ``device``."""
+    reader = _OnDevice(reader, torch.device(device))
     d, v = spec.hidden_size, spec.vocab_size
     layers = []
     for layer in range(spec.num_layers):

@@ -62,7 +62,10 @@ class ClusterConfig(BaseModel):
     placement: list[list[int]] | None = Field(
         None, description="explicit phy2log [L, P]; default: experts dealt in order, copies in the redundant slots")
     shard_num_cpus: float = Field(1.0, gt=0)
-    use_gpu: bool = False
+    use_gpu: bool = Field(False, description="reserve one GPU per expert shard actor")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where replicas and shards compute: 'auto' = CUDA where the process has a GPU "
+                            "(one it reserved with use_gpu / attention_use_gpu), else the CPU")
     drain_timeout_s: float = Field(
         30.0, ge=0, description="on `moeyard down` or a redeploy, requests in flight get this long to finish")
     shard_restart_wait_s: float = Field(
@@ -75,6 +78,7 @@ class ClusterConfig(BaseModel):
 
     attention_replicas: int = Field(2, ge=1)
     replica_num_cpus: float = Field(1.0, gt=0)
+    attention_use_gpu: bool = Field(False, description="reserve one GPU per attention replica")
     overlap: bool = False
     """Ping-pong micro-batches. Off by default: on small CPU hosts where shards and replicas share
     cores splitting measured slower (docs/benchmarks.md); turn it on where shards have their own devices."""

@@ -47,6 +47,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from moeyard.expert_actors.slots import ExpertSlots, SlotFull, SlotNotHeld
 from moeyard.expert_actors.wire import dtype_name, tensor_from_proto, tensor_to_proto
 from moeyard.model.checkpoint import CheckpointError, CheckpointReader
+from moeyard.model.devices import resolve_device
 from moeyard.model.dtypes import resolve_dtype
 from moeyard.model.spec import ModelSpec, load_spec
 from moeyard.model.weight_names import expert_names
@@ -107,23 +108,26 @@ class ExpertServer:
         server_credentials: ``grpc.ServerCredentials`` for TLS (``None``: insecure, e.g. loopback).
         advertise_host: host to put in :attr:`address` (default: ``host``; for a
             wildcard host, this machine's IP).
+        device: where the weights live and the FFNs run (``auto``: CUDA where this process has a
+            GPU); requests and answers cross the wire through host memory.
     """
 
     def __init__(self, shard_id: int, spec: ModelSpec | None, model_dir: str | Path, dtype: torch.dtype | str,
                  assignments: Mapping[int, Iterable[tuple[int, int]]] | None = None, host: str = "127.0.0.1",
                  port: int = 0, num_threads: int | None = None, server_credentials=None, *,
                  max_workers: int = 8, max_message_bytes: int = EXPERT_MAX_MESSAGE_BYTES,
-                 advertise_host: str | None = None):
+                 advertise_host: str | None = None, device: str | torch.device = "auto"):
         self.shard_id = int(shard_id)
         self.model_dir = Path(model_dir)
         self.spec = spec if spec is not None else load_spec(model_dir)
         if self.spec.moe is None:
             raise ValueError(f"{self.model_dir} has no MoE layers; an expert shard has nothing to hold")
         self.dtype = resolve_dtype(dtype)
+        self.device = resolve_device(device)
         if num_threads:
             torch.set_num_threads(int(num_threads))
         self.reader = CheckpointReader(self.model_dir)
-        self.slots = ExpertSlots(self.spec, self.dtype)
+        self.slots = ExpertSlots(self.spec, self.dtype, self.device)
         self._compute_lock = threading.Lock()  # serialises grouped FFNs; slot changes do not take it
         self._stats_lock = threading.Lock()
         self.requests = 0
@@ -255,7 +259,7 @@ class ExpertServer:
                 raise RequestError(grpc.StatusCode.NOT_FOUND, self._not_held_message(e, epoch)) from None
             t0 = time.perf_counter()
             if x.shape[0] == 0:
-                out = torch.empty(0, d, dtype=x.dtype)
+                out = torch.empty(0, d, dtype=x.dtype, device=self.slots.device)
             else:
                 out = self.slots.compute(moe_layer, list(slot_ids), list(counts), x, experts, table=table)
             dt = time.perf_counter() - t0

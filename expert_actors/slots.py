@@ -125,11 +125,12 @@ class SlotTable:
 class ExpertSlots:
     """Expert weights of one shard, addressed by global physical slot id (and logical expert)."""
 
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device | str = "cpu"):
         if spec.moe is None:
             raise ValueError("model has no MoE layers; there are no experts to hold")
         self.spec = spec
         self.dtype = dtype
+        self.device = torch.device(device)
         self._tables: dict[int, SlotTable] = {i: SlotTable(i) for i in range(spec.num_moe_layers)}
         self._admin_lock = threading.Lock()  # serialises load/unload; compute never takes it
 
@@ -161,7 +162,7 @@ class ExpertSlots:
         g = reader.get(names.gate, (inter, d), self.dtype)
         u = reader.get(names.up, (inter, d), self.dtype)
         w2 = reader.get(names.down, (d, inter), self.dtype)
-        return torch.cat([g, u], dim=0), w2.contiguous()
+        return torch.cat([g, u], dim=0).to(self.device), w2.contiguous().to(self.device)
 
     def load(self, reader: CheckpointReader, moe_layer: int, assignments: Iterable[tuple[int, int]],
              stage: bool = False) -> int:
@@ -281,8 +282,7 @@ class ExpertSlots:
         """
         table = self._tables[moe_layer] if table is None else table
         local = table.rows(slot_ids, experts)
-        if x.dtype != self.dtype:
-            x = x.to(self.dtype)
+        x = x.to(device=self.device, dtype=self.dtype)
         if x.shape[0] == 0:
-            return torch.empty(0, x.shape[1], dtype=x.dtype)
+            return torch.empty(0, x.shape[1], dtype=x.dtype, device=self.device)
         return grouped_swiglu(x, counts, table.w13, table.w2, local)

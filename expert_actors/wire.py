@@ -85,14 +85,14 @@ def tensor_from_bytes(dtype: str, shape: Sequence[int], data: bytes, copy: bool 
     shape = [int(d) for d in shape]
     if any(d < 0 for d in shape):
         raise ValueError(f"tensor shape {shape} has a negative dimension")
-    itemsize = torch.empty((), dtype=dt).element_size()
+    itemsize = dt.itemsize
     numel = math.prod(shape)
     if len(data) != numel * itemsize:
         raise ValueError(f"tensor of shape {shape} and dtype {dtype} needs {numel * itemsize} bytes, "
                          f"got {len(data)}")
     if numel == 0:
         try:
-            return torch.empty(shape, dtype=dt)
+            return torch.empty(shape, dtype=dt, device="cpu")
         except RuntimeError as e:  # e.g. [2**62, 2**62, 0]: torch's size arithmetic overflows
             raise ValueError(f"tensor shape {shape} is too large: {e}") from None
     _spend_frombuffer_warning()

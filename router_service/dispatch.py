@@ -44,17 +44,23 @@ def plan_dispatch(hidden: torch.Tensor, ids: torch.Tensor, placement: Placement,
         ids: ``[T, A]`` logical experts chosen by the gate.
         turn: rotates which copy of a replicated expert comes first (``Placement.choose_slots``).
     Returns the plan (to combine later) and one batch per involved shard.
+
+    Everything runs on ``hidden``'s device; the per-slot token counts come to the host once (the
+    layer's one host sync: the batches' slot lists are host data).
     """
     t, a = ids.shape
     slots = placement.choose_slots(moe_layer, ids, turn)
     flat = slots.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    sorted_slots = flat[order]
     x = hidden[order // a]
-    uniq, counts = torch.unique_consecutive(sorted_slots, return_counts=True)
-    uniq_l, counts_l = uniq.tolist(), counts.tolist()
+    per_slot = torch.zeros(placement.num_slots, dtype=torch.int64, device=flat.device)
+    per_slot.index_add_(0, flat, torch.ones_like(flat))
+    per_slot_l = per_slot.tolist()
+    uniq_l = [p for p, n in enumerate(per_slot_l) if n]
+    counts_l = [per_slot_l[p] for p in uniq_l]
     # the logical expert each chosen slot holds in this placement: the shard checks it
-    experts_l = placement.phy2log[moe_layer][uniq].tolist()
+    held = placement.phy2log_rows()[moe_layer]
+    experts_l = [held[p] for p in uniq_l]
     sps = placement.slots_per_shard
     batches: list[ShardBatch] = []
     start = i = 0
@@ -80,7 +86,8 @@ def combine(plan: DispatchPlan, outputs: list[torch.Tensor], weights: torch.Tens
         weights: ``[T, A]`` gate weights.
     Returns ``[T, D]`` in ``dtype``.
     """
-    y_sorted = torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
+    device = plan.order.device
+    y_sorted = torch.cat([o.to(device) for o in outputs], dim=0) if len(outputs) > 1 else outputs[0].to(device)
     y = torch.empty_like(y_sorted)
     y[plan.order] = y_sorted
     y = y.view(plan.num_tokens, plan.top_k, -1)

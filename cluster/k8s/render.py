@@ -66,6 +66,7 @@ def serve_config(cfg: ClusterConfig) -> ClusterConfig:
         "api_host": "0.0.0.0", "api_port": k.api_port, "shard_host": "0.0.0.0",
         "api_token_file": f"{TOKEN_DIR}/token", "redis": redis, "dashboard": dashboard,
         "use_gpu": k.profile == "gpu",
+        "attention_use_gpu": k.profile == "gpu" and k.attention.size.gpus > 0,
         "ray_resources": RayResources(control=CONTROL_RESOURCE, attention=ATTENTION_RESOURCE,
                                       experts=EXPERT_RESOURCE),
         "kubernetes": None})
@@ -145,6 +146,8 @@ def check_capacity(cfg: ClusterConfig) -> None:
         raise ValueError(f"the experts group holds at most {max(per_pod, 0) * k.experts.max_replicas} shards "
                          f"({per_pod} per pod x max_replicas {k.experts.max_replicas}); the config needs {shards}")
     per_pod = int(k.attention.ray_cpus // cfg.replica_num_cpus)
+    if gpu and k.attention.size.gpus:
+        per_pod = min(per_pod, k.attention.size.gpus)
     if per_pod < 1 or per_pod * k.attention.max_replicas < cfg.attention_replicas:
         raise ValueError(f"the attention group holds at most {max(per_pod, 0) * k.attention.max_replicas} "
                          f"replicas; the config asks for {cfg.attention_replicas}")
@@ -177,7 +180,8 @@ def rayservice(cfg: ClusterConfig) -> dict:
                 "authOptions": {"mode": "token"},
                 "headGroupSpec": head,
                 "workerGroupSpecs": [
-                    _worker_group(k, "attention", k.attention, ATTENTION_RESOURCE, gpus=False),
+                    _worker_group(k, "attention", k.attention, ATTENTION_RESOURCE,
+                                  gpus=gpu and k.attention.size.gpus > 0),
                     _worker_group(k, "experts", k.experts, EXPERT_RESOURCE, gpus=gpu)]}}}
 
 

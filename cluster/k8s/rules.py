@@ -25,6 +25,7 @@ from moeyard.cluster.k8s.paths import json_path
 
 GPU = "nvidia.com/gpu"
 EXPERTS_GROUP = "experts"
+ATTENTION_GROUP = "attention"
 HEAD_PORTS = ("serve-grpc", "moeyard-http")
 """Port names the head container must expose: the gRPC API and the dashboard / ``/metrics``."""
 
@@ -224,26 +225,40 @@ def moeyard_rules(doc: dict) -> list[str]:
     serve_errs, configs = serve_config_errors(spec.get("serveConfigV2"))
     errs += serve_errs
     use_gpu = any(c.use_gpu for c in configs)
+    attention_gpu = any(c.attention_use_gpu for c in configs)
     # GPUs: the experts group's Ray container (the first, as KubeRay reads it) has them, and Ray knows
     gpu_anywhere = any(_gpus(c, w) is not None for _, _, g in groups for c in _containers(g)
                        for w in ("limits", "requests"))
     for path, g in experts:
-        cs = _containers(g)
-        limit = _gpus(cs[0]) if cs else None
-        num_gpus = (g.get("rayStartParams") or {}).get("num-gpus")
-        cpath = f"{path}.template.spec.containers[0].resources.limits.{GPU}"
-        if use_gpu or gpu_anywhere:
-            why = "serveConfigV2 has use_gpu: true" if use_gpu else f"the cluster requests {GPU}"
-            if _number(limit) is None or _number(limit) < 1:
-                errs.append(f"{cpath}: missing ({why}): the expert shards' pods need a GPU limit")
-            elif _number(num_gpus) != _number(limit):
-                errs.append(f"{path}.rayStartParams.num-gpus: {num_gpus!r} must equal the container's {GPU} "
-                            f"limit {limit!r} (Ray schedules shards on what num-gpus advertises)")
-        if configs and not use_gpu and _number(limit):
-            errs.append(f"{cpath}: {limit!r} GPUs but serveConfigV2 has use_gpu: false (the shards would not use them)")
+        errs += _gpu_errors(path, g, "expert shards", "use_gpu", use_gpu or gpu_anywhere, configs and not use_gpu,
+                            "serveConfigV2 has use_gpu: true" if use_gpu else f"the cluster requests {GPU}")
+    # ... and the attention group's when the replicas reserve GPUs (attention_use_gpu)
+    for path, name, g in groups[1:]:
+        if name == ATTENTION_GROUP:
+            errs += _gpu_errors(path, g, "attention replicas", "attention_use_gpu", attention_gpu,
+                                configs and not attention_gpu, "serveConfigV2 has attention_use_gpu: true")
     # every custom resource the actors are pinned to is advertised; the groups hold what the config asks
     for cfg in configs:
         errs += _placement_errors(cfg, groups, head_ports)
+    return errs
+
+
+def _gpu_errors(path: str, g: dict, who: str, field: str, needed: bool, unused: bool, why: str) -> list[str]:
+    """A group's GPUs: a limit when the config uses them (``needed``), a ``num-gpus`` equal to it, and none
+    the config would leave idle (``unused``)."""
+    errs = []
+    cs = _containers(g)
+    limit = _gpus(cs[0]) if cs else None
+    num_gpus = (g.get("rayStartParams") or {}).get("num-gpus")
+    cpath = f"{path}.template.spec.containers[0].resources.limits.{GPU}"
+    if needed:
+        if _number(limit) is None or _number(limit) < 1:
+            errs.append(f"{cpath}: missing ({why}): the {who}' pods need a GPU limit")
+        elif _number(num_gpus) != _number(limit):
+            errs.append(f"{path}.rayStartParams.num-gpus: {num_gpus!r} must equal the container's {GPU} "
+                        f"limit {limit!r} (Ray schedules the {who} on what num-gpus advertises)")
+    if unused and _number(limit):
+        errs.append(f"{cpath}: {limit!r} GPUs but serveConfigV2 has {field}: false (the {who} would not use them)")
     return errs
 
 

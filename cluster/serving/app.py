@@ -35,7 +35,8 @@ def build_app(cfg: ClusterConfig | dict):
     replicas = AttentionReplica.options(
         num_replicas=c.attention_replicas,
         max_ongoing_requests=e.max_num_seqs + e.max_waiting + 8,
-        ray_actor_options=actor_options(c.replica_num_cpus, c.ray_resources.attention),
+        ray_actor_options=actor_options(c.replica_num_cpus, c.ray_resources.attention,
+                                        num_gpus=1 if c.attention_use_gpu else 0),
         graceful_shutdown_timeout_s=c.drain_timeout_s + 10).bind(d, shards)
     autoscaler = Autoscaler.options(ray_actor_options=control).bind(d, shards)
     dashboard = Dashboard.options(ray_actor_options=control).bind(d, shards)

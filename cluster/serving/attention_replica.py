@@ -51,7 +51,8 @@ class AttentionReplica:
             self.transport = GrpcTransport(address, wire_dtype=_WIRE_DTYPES[c.wire_dtype], **internal_tls(c))
         e = c.engine
         engine = LLMEngine(c.model_dir(), EngineConfig(
-            dtype=c.dtype, block_size=e.block_size, kv_cache_bytes=e.kv_cache_mib << 20, max_num_seqs=e.max_num_seqs,
+            dtype=c.dtype, device=c.device, block_size=e.block_size, kv_cache_bytes=e.kv_cache_mib << 20,
+            max_num_seqs=e.max_num_seqs,
             max_num_batched_tokens=e.max_num_batched_tokens, max_model_len=e.max_model_len,
             enable_prefix_caching=e.enable_prefix_caching, overlap=c.overlap, overlap_mode=c.overlap_mode,
             expert_restart_wait_s=c.shard_restart_wait_s),

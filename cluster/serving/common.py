@@ -60,8 +60,10 @@ def pin(resource: str | None) -> dict[str, float] | None:
     return {resource: 0.001} if resource else None
 
 
-def actor_options(num_cpus: float, resource: str | None) -> dict:
+def actor_options(num_cpus: float, resource: str | None, num_gpus: float = 0) -> dict:
     opts: dict = {"num_cpus": num_cpus}
+    if num_gpus:
+        opts["num_gpus"] = num_gpus
     if resource:
         opts["resources"] = pin(resource)
     return opts

@@ -89,7 +89,7 @@ class ShardManager:
         c = self.cfg
         return create_shard_actor(
             shard, str(c.model_dir()), assignments, compute_dtype_name(c, self.spec), host=c.shard_host,
-            num_threads=c.torch_threads, num_cpus=c.shard_num_cpus, use_gpu=c.use_gpu,
+            num_threads=c.torch_threads, num_cpus=c.shard_num_cpus, use_gpu=c.use_gpu, device=c.device,
             name=shard_actor_name(c, shard), namespace=c.namespace, detached=True,
             redis=c.redis.model_dump(mode="json"), fingerprint=self.fingerprint,
             resources=pin(c.ray_resources.experts), tls=c.tls.model_dump(mode="json"))

@@ -100,18 +100,19 @@ def test_cpu_rayservice_has_no_gpus():
     assert _serve(doc)["applications"][0]["args"]["use_gpu"] is False
 
 
-def test_gpu_rayservice_puts_gpus_on_the_experts():
+def test_gpu_rayservice_puts_gpus_on_the_experts_and_the_attention_replicas():
     doc = _rayservice("gpu")
-    experts = _group(doc, "experts")
-    (container,) = experts["template"]["spec"]["containers"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert container["resources"]["requests"]["nvidia.com/gpu"] == "1"
-    assert experts["rayStartParams"]["num-gpus"] == "1"
-    assert experts["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
-    # GPUs on the experts only
-    assert not _contains(_group(doc, "attention"), "nvidia.com/gpu")
+    for name in ("experts", "attention"):
+        group = _group(doc, name)
+        (container,) = group["template"]["spec"]["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert container["resources"]["requests"]["nvidia.com/gpu"] == "1"
+        assert group["rayStartParams"]["num-gpus"] == "1"
+        assert group["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    # none on the head (control actors only)
     assert not _contains(doc["spec"]["rayClusterConfig"]["headGroupSpec"], "nvidia.com/gpu")
-    assert _serve(doc)["applications"][0]["args"]["use_gpu"] is True
+    args = _serve(doc)["applications"][0]["args"]
+    assert args["use_gpu"] is True and args["attention_use_gpu"] is True and args["device"] == "auto"
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -321,6 +322,14 @@ def _gpus_unused(d):
     _edit_serve(d, lambda s: s["applications"][0]["args"].update(use_gpu=False))
 
 
+def _attention_gpus_unused(d):
+    _edit_serve(d, lambda s: s["applications"][0]["args"].update(attention_use_gpu=False))
+
+
+def _attention_no_gpu_limit(d):
+    _workers(d)[0]["template"]["spec"]["containers"][0]["resources"]["limits"].pop("nvidia.com/gpu")
+
+
 def _resource_not_advertised(d):
     _workers(d)[1]["rayStartParams"]["resources"] = '"{\\"other\\": 1000}"'
 
@@ -342,6 +351,10 @@ BROKEN_RAYSERVICE = {
     "no-experts-group": ("cpu", _no_experts_group, "no worker group named 'experts'"),
     "experts-too-small": ("gpu", _experts_too_small, "holds at most 4 expert shards"),
     "gpus-unused": ("gpu", _gpus_unused, "use_gpu: false"),
+    "attention-gpus-unused": ("gpu", _attention_gpus_unused, "attention_use_gpu: false (the attention replicas"),
+    "attention-no-gpu-limit": ("gpu", _attention_no_gpu_limit,
+                               "workerGroupSpecs[0].template.spec.containers[0].resources.limits.nvidia.com/gpu: "
+                               "missing (serveConfigV2 has attention_use_gpu: true)"),
     "resource-not-advertised": ("cpu", _resource_not_advertised, "'moeyard_experts' (ray_resources.experts)"),
 }
 

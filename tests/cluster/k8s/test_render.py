@@ -110,7 +110,9 @@ def test_rayservice_groups():
     assert ports["serve-grpc"] == 9000 and ports["moeyard-http"] == 8090 and ports["serve"] == 8000
     attention, experts = rcc["workerGroupSpecs"]
     assert (attention["groupName"], experts["groupName"]) == ("attention", "experts")
-    assert experts["rayStartParams"]["num-gpus"] == "1" and "num-gpus" not in attention["rayStartParams"]
+    assert experts["rayStartParams"]["num-gpus"] == "1" and attention["rayStartParams"]["num-gpus"] == "1"
+    no_attention_gpus = R.rayservice(_cfg("gpu", attention__size__gpus=0))["spec"]["rayClusterConfig"]
+    assert "num-gpus" not in no_attention_gpus["workerGroupSpecs"][0]["rayStartParams"]
     assert (experts["minReplicas"], experts["replicas"], experts["maxReplicas"]) == (8, 8, 16)
     assert all(isinstance(v, str) for g in (head, attention, experts) for v in g["rayStartParams"].values())
     # only the head mounts the API token
