@@ -3,35 +3,47 @@
 A shard owns a set of physical slots per MoE layer; each slot holds one copy of
 a logical expert, or two while a live migration is staged (the new expert is
 loaded next to the old one, routers switch epochs, then the old copy is
-released). Per MoE layer a :class:`SlotTable` maps ``(slot, expert)`` to one
-row of its weight lists (``w13[i] [2I, D]``, ``w2[i] [D, I]``), which the
-grouped FFN indexes per slot. Each copy keeps its own storage: staging a copy
-or releasing one never copies the layer's other experts (an earlier design
-re-stacked the layer on every change, and that memory traffic slowed the decode
-steps running during a migration by ~1.7x on the bench model).
+released).
+
+Storage: per MoE layer, one stacked pair ``w13 [C, 2I, D]``, ``w2 [C, D, I]`` on
+the shard's device (:class:`LayerStorage`), with ``C`` = the copies held plus a
+few spare rows. A :class:`SlotTable` maps each ``(slot, expert)`` copy to its row,
+so the grouped FFN runs over the stack (one grouped GEMM per projection where the
+device supports it, else a matmul pair per row). Staging a copy writes one free
+row in place and releasing one frees its row: the other rows are never copied
+(an earlier design re-stacked the layer on every change, and that memory traffic
+slowed the decode steps running during a migration by ~1.7x on the bench model).
+Only when the spare rows run out does the layer grow (one re-stack, by half again).
 
 Concurrency: a table is immutable. Loads and unloads (serialised among
-themselves by an admin lock) build the layer's new table aside and swap it in
-with one reference assignment, so a compute never waits for a load and never
-sees half a change: it runs on the table it looked up. A released copy is
-freed once the last compute using an older table returns.
+themselves by an admin lock) write their rows, build the layer's new table aside
+and swap it in with one reference assignment, so a compute never waits for a
+load and never sees half a change: it runs on the table it looked up. A row freed
+by a swap is handed out again only once no compute that started on an older
+table is still running (so a compute never reads a row being rewritten).
 """
 
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from moeyard.model.checkpoint import CheckpointReader
-from moeyard.model.ffn import grouped_swiglu
+from moeyard.model.ffn import gemm_shapes_ok, grouped_gemm_supported, grouped_swiglu, grouped_swiglu_gemm
 from moeyard.model.spec import ModelSpec
 from moeyard.model.weight_names import expert_names
 
 MAX_COPIES_PER_SLOT = 2
 """A slot holds one expert, or two during a staged migration."""
+SPARE_ROWS = 2
+"""Free rows a layer's storage keeps beyond the copies it holds: room to stage copies without a re-stack."""
+
+GemmMode = Literal["auto", "grouped", "loop"]
 
 
 class SlotNotHeld(KeyError):
@@ -71,43 +83,28 @@ class SlotFull(ValueError):
 class SlotTable:
     """What one MoE layer of a shard holds, as one immutable snapshot.
 
-    ``keys[i] = (slot, expert)`` uses row ``i`` of ``w13`` (``[2I, D]`` each)
-    and ``w2`` (``[D, I]`` each); ``entries`` maps each key to its row and its
-    weights (shared with the tables before and after: never copied). ``held``
-    maps a slot to its experts in the order they were loaded.
+    ``keys`` lists every ``(slot, expert)`` copy held (sorted); ``row_of`` maps each to its row of the
+    layer's stacked ``w13 [C, 2I, D]`` / ``w2 [C, D, I]`` (shared with the tables before and after:
+    never copied). ``held`` maps a slot to its experts in the order they were loaded. ``generation``
+    numbers the swaps of the shard's tables (see :class:`ExpertSlots`).
     """
 
     moe_layer: int
+    generation: int = 0
     keys: tuple[tuple[int, int], ...] = ()
-    w13: tuple[torch.Tensor, ...] | None = None
-    w2: tuple[torch.Tensor, ...] | None = None
-    entries: dict[tuple[int, int], tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    row_of: dict[tuple[int, int], int] = field(default_factory=dict)
     held: dict[int, tuple[int, ...]] = field(default_factory=dict)
-
-    @staticmethod
-    def build(moe_layer: int, weights: Mapping[tuple[int, int], tuple[torch.Tensor, torch.Tensor]],
-              held: Mapping[int, Sequence[int]]) -> "SlotTable":
-        """A table over ``(slot, expert) -> (w13 [2I, D], w2 [D, I])`` (the tensors are shared, not copied)."""
-        keys = tuple(sorted(weights))
-        if not keys:
-            return SlotTable(moe_layer)
-        w13 = tuple(weights[k][0] for k in keys)
-        w2 = tuple(weights[k][1] for k in keys)
-        entries = {k: (i, w13[i], w2[i]) for i, k in enumerate(keys)}
-        return SlotTable(moe_layer, keys, w13, w2, entries,
-                         {s: tuple(es) for s, es in sorted(held.items()) if es})
-
-    def weights(self) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
-        """``(slot, expert) -> (w13, w2)`` views (to build the next table from)."""
-        return {k: (w13, w2) for k, (_, w13, w2) in self.entries.items()}
+    w13: torch.Tensor | None = None
+    w2: torch.Tensor | None = None
 
     def nbytes(self) -> int:
-        if self.w13 is None:
+        """Bytes of the copies held (the storage's spare rows not counted)."""
+        if self.w13 is None or not self.keys:
             return 0
-        return sum(t.numel() * t.element_size() for t in (*self.w13, *self.w2))
+        return len(self.keys) * (self.w13[0].nbytes + self.w2[0].nbytes)
 
     def rows(self, slot_ids: Sequence[int], experts: Sequence[int]) -> list[int]:
-        """Stack rows for ``slot_ids``, slot ``slot_ids[i]`` holding logical expert ``experts[i]``.
+        """Storage rows for ``slot_ids``, slot ``slot_ids[i]`` holding logical expert ``experts[i]``.
 
         Raises :class:`SlotNotHeld` for a slot that does not hold the expert asked for.
         """
@@ -115,24 +112,96 @@ class SlotTable:
             raise ValueError(f"experts has {len(experts)} entries but slot_ids has {len(slot_ids)}")
         out = []
         for s, e in zip(slot_ids, experts):
-            entry = self.entries.get((s, e))
-            if entry is None:
+            row = self.row_of.get((s, e))
+            if row is None:
                 raise SlotNotHeld(self.moe_layer, s, e, self.held.get(s, ()))
-            out.append(entry[0])
+            out.append(row)
         return out
 
 
-class ExpertSlots:
-    """Expert weights of one shard, addressed by global physical slot id (and logical expert)."""
+class LayerStorage:
+    """One MoE layer's stacked expert weights on one shard and which rows are free.
 
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    Not thread-safe: :class:`ExpertSlots` calls it under its admin lock.
+    """
+
+    def __init__(self, inter: int, hidden: int, dtype: torch.dtype, device: torch.device):
+        self.inter, self.hidden, self.dtype, self.device = inter, hidden, dtype, device
+        self.w13: torch.Tensor | None = None
+        self.w2: torch.Tensor | None = None
+        self.free: list[int] = []
+        self.retired: list[tuple[int, int]] = []
+        """``(generation, row)``: rows released by the swap to ``generation``, not yet reusable."""
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.w13 is None else self.w13.shape[0]
+
+    def reserve(self, need: int, spare: int) -> None:
+        """Make room for ``need`` new rows (growing by half again plus ``spare`` when short: the one
+        re-stack, which copies the rows held into new storage; tables made before keep the old one)."""
+        if len(self.free) >= need:
+            return
+        old = self.capacity
+        cap = max(old + need - len(self.free) + spare, old + old // 2)
+        w13 = torch.empty(cap, 2 * self.inter, self.hidden, dtype=self.dtype, device=self.device)
+        w2 = torch.empty(cap, self.hidden, self.inter, dtype=self.dtype, device=self.device)
+        if old:
+            w13[:old].copy_(self.w13)
+            w2[:old].copy_(self.w2)
+        self.w13, self.w2 = w13, w2
+        self.free.extend(range(old, cap))
+
+    def take(self) -> int:
+        return self.free.pop(0)
+
+    def write(self, row: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        self.w13[row].copy_(w13)
+        self.w2[row].copy_(w2)
+
+    def recycle(self, oldest_in_use: int | None) -> None:
+        """Rows retired at a generation no running compute predates become free again."""
+        keep = []
+        for gen, row in self.retired:
+            if oldest_in_use is None or oldest_in_use >= gen:
+                self.free.append(row)
+            else:
+                keep.append((gen, row))
+        self.retired = keep
+        self.free.sort()
+
+
+class ExpertSlots:
+    """Expert weights of one shard, addressed by global physical slot id (and logical expert).
+
+    Args:
+        spec: the model.
+        dtype, device: of the weights and the compute.
+        spare_rows: free rows per layer beyond the copies held (staging room without a re-stack).
+        gemm: ``grouped`` (one grouped GEMM per projection), ``loop`` (a matmul pair per row, with
+            the CPU's row buckets), ``auto``: grouped where the device and dtype support it and the
+            device is not the CPU (on CPUs torch's grouped GEMM runs the loop's kernels, measured no
+            faster, and without the row buckets that keep oneDNN's kernel cache small).
+    """
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 spare_rows: int = SPARE_ROWS, gemm: GemmMode = "auto"):
         if spec.moe is None:
             raise ValueError("model has no MoE layers; there are no experts to hold")
+        if gemm not in ("auto", "grouped", "loop"):
+            raise ValueError(f"gemm must be auto, grouped or loop, got {gemm!r}")
         self.spec = spec
         self.dtype = dtype
         self.device = torch.device(device)
+        self.spare_rows = spare_rows
+        self.gemm = gemm
+        inter, d = spec.moe.intermediate_size, spec.hidden_size
+        self._storage = {i: LayerStorage(inter, d, dtype, self.device) for i in range(spec.num_moe_layers)}
         self._tables: dict[int, SlotTable] = {i: SlotTable(i) for i in range(spec.num_moe_layers)}
         self._admin_lock = threading.Lock()  # serialises load/unload; compute never takes it
+        self._generation = 0
+        self._running: Counter[int] = Counter()  # generation of the table -> computes running on it
+        self._running_lock = threading.Lock()
 
     # -- reading ----------------------------------------------------------------------
     def table(self, moe_layer: int) -> SlotTable:
@@ -152,7 +221,26 @@ class ExpertSlots:
         return list(self._tables[moe_layer].keys)
 
     def nbytes(self) -> int:
+        """Bytes of the copies held."""
         return sum(t.nbytes() for t in list(self._tables.values()))
+
+    def reserved_bytes(self) -> int:
+        """Bytes of the stacked storage, spare rows included."""
+        return sum(0 if st.w13 is None else st.w13.nbytes + st.w2.nbytes for st in self._storage.values())
+
+    def uses_grouped_gemm(self) -> bool:
+        """Whether :meth:`compute` runs one grouped GEMM per projection (else the per-row loop)."""
+        if self.gemm == "loop":
+            return False
+        moe = self.spec.moe
+        ok = gemm_shapes_ok(self.spec.hidden_size, moe.intermediate_size, self.dtype) and \
+            grouped_gemm_supported(self.device, self.dtype)
+        if self.gemm == "grouped":
+            if not ok:
+                raise ValueError(f"grouped GEMM is not supported for {self.dtype} on {self.device} with "
+                                 f"D={self.spec.hidden_size}, I={moe.intermediate_size}")
+            return True
+        return ok and self.device.type != "cpu"
 
     # -- changing -----------------------------------------------------------------------
     def _read(self, reader: CheckpointReader, moe_layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +250,15 @@ class ExpertSlots:
         g = reader.get(names.gate, (inter, d), self.dtype)
         u = reader.get(names.up, (inter, d), self.dtype)
         w2 = reader.get(names.down, (d, inter), self.dtype)
-        return torch.cat([g, u], dim=0).to(self.device), w2.contiguous().to(self.device)
+        return torch.cat([g, u], dim=0), w2
+
+    def _oldest_running(self) -> int | None:
+        with self._running_lock:
+            return min(self._running) if self._running else None
+
+    def _swap(self, new: Mapping[int, SlotTable]) -> None:
+        for layer, table in new.items():
+            self._tables[layer] = table  # the swap: computes from now on use the new table
 
     def load(self, reader: CheckpointReader, moe_layer: int, assignments: Iterable[tuple[int, int]],
              stage: bool = False) -> int:
@@ -177,7 +273,7 @@ class ExpertSlots:
                     stage: bool = False) -> int:
         """Load ``{moe_layer: [(slot, expert)]}``; returns bytes loaded. All-or-nothing.
 
-        Every tensor is read and every layer's new table is built before any
+        Every tensor is read and every layer's new table is planned before any
         layer changes; each layer's table is then swapped in with one
         assignment. Pairs apply in order: without ``stage`` a pair replaces
         everything its slot held; with ``stage`` it adds a copy next to what the
@@ -199,28 +295,46 @@ class ExpertSlots:
                     cache[(layer, expert)] = self._read(reader, layer, expert)
         nbytes = 0
         with self._admin_lock:
-            new: dict[int, SlotTable] = {}
+            # first the checks and the bookkeeping (a refusal changes nothing), then the row writes
+            changes: dict[int, tuple[dict, dict, list[tuple[int, int]], list[int]]] = {}
             for layer, pairs in plan.items():
                 cur = self._tables[layer]
-                weights = cur.weights()
+                row_of = dict(cur.row_of)
                 held = {s: list(es) for s, es in cur.held.items()}
+                released: list[int] = []
                 for slot, expert in pairs:
                     have = held.setdefault(slot, [])
                     if not stage:
                         for e in have:
-                            weights.pop((slot, e), None)
+                            released.append(row_of.pop((slot, e)))
                         have.clear()
                     elif expert not in have and len(have) >= MAX_COPIES_PER_SLOT:
                         raise SlotFull(layer, slot, have, expert)
                     if expert in have:
                         have.remove(expert)
+                        released.append(row_of.pop((slot, expert)))
                     have.append(expert)
-                    w13, w2 = cache[(layer, expert)]
-                    weights[(slot, expert)] = (w13, w2)
-                    nbytes += w13.numel() * w13.element_size() + w2.numel() * w2.element_size()
-                new[layer] = SlotTable.build(layer, weights, held)
-            for layer, table in new.items():
-                self._tables[layer] = table  # the swap: computes from now on use the new table
+                    row_of[(slot, expert)] = -1  # a row is given below
+                writes = [key for key, row in row_of.items() if row == -1]  # the copies this load adds
+                changes[layer] = (row_of, held, writes, [r for r in released if r >= 0])
+            self._generation += 1
+            gen = self._generation
+            oldest = self._oldest_running()
+            new: dict[int, SlotTable] = {}
+            for layer, (row_of, held, writes, released) in changes.items():
+                st = self._storage[layer]
+                st.recycle(oldest)
+                st.reserve(len(writes), self.spare_rows)
+                for key in sorted(writes):  # rows in slot order: a batch's slots then run in row order
+                    row = st.take()
+                    w13, w2 = cache[(layer, key[1])]
+                    st.write(row, w13, w2)
+                    row_of[key] = row
+                    nbytes += w13.nbytes + w2.nbytes
+                st.retired.extend((gen, r) for r in released)
+                new[layer] = SlotTable(layer, gen, tuple(sorted(row_of)), row_of,
+                                       {s: tuple(es) for s, es in sorted(held.items()) if es}, st.w13, st.w2)
+            self._swap(new)
         return nbytes
 
     def unload(self, moe_layer: int, slots: Iterable[int | tuple[int, int | None]]) -> int:
@@ -244,26 +358,34 @@ class ExpertSlots:
                     lst.append((int(r), None))
         n = 0
         with self._admin_lock:
-            new: dict[int, SlotTable] = {}
+            changes: dict[int, tuple[dict, dict, list]] = {}
             for layer, items in plan.items():
                 cur = self._tables[layer]
-                weights = cur.weights()
+                row_of = dict(cur.row_of)
                 held = {s: list(es) for s, es in cur.held.items()}
-                changed = False
+                released: list[int] = []
                 for slot, expert in items:
                     have = held.get(slot, [])
                     gone = [e for e in have if expert is None or e == expert]
                     if not gone:
                         continue
                     for e in gone:
-                        weights.pop((slot, e))
+                        released.append(row_of.pop((slot, e)))
                         have.remove(e)
                     n += 1
-                    changed = True
-                if changed:
-                    new[layer] = SlotTable.build(layer, weights, held)
-            for layer, table in new.items():
-                self._tables[layer] = table
+                if released:
+                    changes[layer] = (row_of, held, released)
+            if changes:
+                self._generation += 1
+                gen = self._generation
+                new = {}
+                for layer, (row_of, held, released) in changes.items():
+                    st = self._storage[layer]
+                    st.retired.extend((gen, r) for r in released)
+                    new[layer] = SlotTable(layer, gen, tuple(sorted(row_of)), row_of,
+                                           {s: tuple(es) for s, es in sorted(held.items()) if es},
+                                           st.w13, st.w2)
+                self._swap(new)
         return n
 
     # -- computing ----------------------------------------------------------------------
@@ -277,12 +399,22 @@ class ExpertSlots:
             x: ``[N, D]`` tokens sorted by slot.
             experts: ``[S']`` the logical expert expected in each slot.
             table: the snapshot to use (default: the current one).
-        Returns ``[N, D]``. Raises :class:`SlotNotHeld` (a ``KeyError``, see
+        Returns ``[N, D]`` on this shard's device. Raises :class:`SlotNotHeld` (a ``KeyError``, see
         :meth:`SlotTable.rows`).
         """
-        table = self._tables[moe_layer] if table is None else table
-        local = table.rows(slot_ids, experts)
-        x = x.to(device=self.device, dtype=self.dtype)
-        if x.shape[0] == 0:
-            return torch.empty(0, x.shape[1], dtype=x.dtype, device=self.device)
-        return grouped_swiglu(x, counts, table.w13, table.w2, local)
+        with self._running_lock:
+            table = self._tables[moe_layer] if table is None else table
+            self._running[table.generation] += 1
+        try:
+            rows = table.rows(slot_ids, experts)
+            x = x.to(device=self.device, dtype=self.dtype)
+            if x.shape[0] == 0:
+                return torch.empty(0, x.shape[1], dtype=x.dtype, device=self.device)
+            if self.uses_grouped_gemm():
+                return grouped_swiglu_gemm(x, counts, table.w13, table.w2, rows)
+            return grouped_swiglu(x, counts, table.w13, table.w2, rows)
+        finally:
+            with self._running_lock:
+                self._running[table.generation] -= 1
+                if not self._running[table.generation]:
+                    del self._running[table.generation]

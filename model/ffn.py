@@ -1,8 +1,14 @@
 """Grouped SwiGLU over physical slots (pure tensor math).
 
 Tokens arrive already sorted by slot; each slot's rows are one contiguous
-segment, so every slot runs as one matmul over all of its tokens (there is no
-loop over tokens, only over the slots that received any).
+segment. Two ways to run them, the same numbers up to rounding:
+
+* :func:`grouped_swiglu` (the loop): one matmul pair per slot that received tokens;
+  the reference in tests, and what runs on the CPU, where torch's grouped GEMM calls
+  the same per-group kernels (measured no faster, docs/benchmarks.md);
+* :func:`grouped_swiglu_gemm`: one grouped GEMM per projection for all slots
+  (``torch.nn.functional.grouped_mm``) over the shard's stacked ``[C, 2I, D]`` /
+  ``[C, D, I]`` weights, where the device and dtype support it (CUDA bf16).
 
 Row buckets (bf16 on CPU): torch runs a bf16 CPU matmul through oneDNN, which
 JIT-compiles a new matmul primitive for every distinct row count ``M`` (0.1-2 ms
@@ -70,6 +76,79 @@ def grouped_swiglu(x: torch.Tensor, counts: list[int] | torch.Tensor, w13: torch
         out[start:start + n] = y[:n] if m != n else y
         start += n
     return out
+
+
+def grouped_swiglu_gemm(x: torch.Tensor, counts: Sequence[int], w13: torch.Tensor, w2: torch.Tensor,
+                        rows: Sequence[int]) -> torch.Tensor:
+    """:func:`grouped_swiglu` as two grouped GEMMs over every row of the stacked weights.
+
+    Args:
+        x: ``[N, D]`` tokens, segment ``s`` (``counts[s]`` rows) for weights row ``rows[s]``.
+        counts: ``[S']`` rows per segment (zeros allowed).
+        w13: ``[C, 2I, D]`` stacked gate+up projections; w2: ``[C, D, I]`` stacked down projections.
+        rows: ``[S']`` weights row of each segment (any order, repeats allowed).
+    Returns ``[N, D]`` in ``x``'s order and dtype. Segments are put in row order first (one gather
+    of ``x``, undone on the output), so that each of the ``C`` groups is one contiguous run; rows
+    with no tokens are empty groups.
+    """
+    n, cap = x.shape[0], w13.shape[0]
+    if n == 0:
+        return torch.empty_like(x)
+    starts = [0]
+    for c in counts[:-1]:
+        starts.append(starts[-1] + c)
+    order = sorted(range(len(rows)), key=rows.__getitem__)
+    if order != list(range(len(rows))):
+        idx = torch.tensor([i for s in order for i in range(starts[s], starts[s] + counts[s])],
+                           dtype=torch.int64, device=x.device)
+        xs = x.index_select(0, idx)
+    else:
+        idx, xs = None, x
+    per_row = [0] * cap
+    for r, c in zip(rows, counts):
+        per_row[r] += c
+    ends, acc = [], 0
+    for c in per_row:
+        acc += c
+        ends.append(acc)
+    offs = torch.tensor(ends, dtype=torch.int32, device=x.device)
+    inter = w2.shape[-1]
+    h = F.grouped_mm(xs, w13.transpose(1, 2), offs=offs)
+    y = F.grouped_mm(F.silu(h[:, :inter]) * h[:, inter:], w2.transpose(1, 2), offs=offs)
+    if idx is None:
+        return y
+    out = torch.empty_like(y)
+    out[idx] = y
+    return out
+
+
+_GEMM_SUPPORT: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def gemm_shapes_ok(hidden: int, inter: int, dtype: torch.dtype) -> bool:
+    """``grouped_mm`` needs every stride a multiple of 16 bytes: ``D`` and ``I`` elements each."""
+    return (hidden * dtype.itemsize) % 16 == 0 and (inter * dtype.itemsize) % 16 == 0
+
+
+def grouped_gemm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``grouped_mm`` runs for ``dtype`` on ``device``'s type here (tried once, on a tiny input,
+    against the loop)."""
+    key = (device.type, dtype)
+    if key not in _GEMM_SUPPORT:
+        ok = hasattr(F, "grouped_mm")
+        if ok:
+            try:
+                g = torch.Generator(device="cpu").manual_seed(0)
+                x = torch.randn(5, 16, generator=g).to(device=device, dtype=dtype)
+                w13 = torch.randn(3, 32, 16, generator=g).to(device=device, dtype=dtype)
+                w2 = torch.randn(3, 16, 16, generator=g).to(device=device, dtype=dtype)
+                got = grouped_swiglu_gemm(x, [2, 3], w13, w2, [2, 0])
+                want = grouped_swiglu(x, [2, 3], w13, w2, [2, 0])
+                ok = bool(torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2))
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        _GEMM_SUPPORT[key] = ok
+    return _GEMM_SUPPORT[key]
 
 
 def bucket_rows(n: int) -> int:

@@ -3,22 +3,22 @@ released copy."""
 
 from __future__ import annotations
 
-import gc
 import pickle
 import threading
-import weakref
 
 import pytest
 import torch
 
 from moeyard.expert_actors.slots import (
+    SPARE_ROWS,
     ExpertSlots,
+    LayerStorage,
     SlotFull,
     SlotNotHeld,
-    SlotTable,
 )
 from moeyard.model.checkpoint import CheckpointReader
 from moeyard.model.spec import load_spec
+from moeyard.model.weight_names import expert_names
 
 
 @pytest.fixture
@@ -110,28 +110,76 @@ def test_third_copy_and_bad_entries_change_nothing(mix):
     assert torch.equal(slots.compute(1, [11], [5], x, [3]), _want(mix, 1, 3))
 
 
-def test_staging_and_release_never_copy_other_experts_and_free_the_released(mix):
-    slots = mix["slots"]
+def test_staging_writes_one_spare_row_in_place_and_a_release_frees_its_row(mix):
+    slots, reader, per_slot = mix["slots"], mix["reader"], mix["per_slot"]
     t = slots.table(1)
-    for (slot, expert), (row, w13, w2) in t.entries.items():
-        assert w13 is t.w13[row] and w2 is t.w2[row] and t.keys[row] == (slot, expert)
-        assert w13.shape == (2 * mix["spec"].moe.intermediate_size, mix["spec"].hidden_size)
-    assert slots.nbytes() == 3 * mix["per_slot"] == t.nbytes()
-    kept = {k: (w13.data_ptr(), w2.data_ptr()) for k, (_, w13, w2) in t.entries.items()}
-    released = weakref.ref(t.entries[(11, 5)][1]), weakref.ref(t.entries[(11, 5)][2])
-    del t, w13, w2
-    slots.load(mix["reader"], 1, [(11, 3)], stage=True)
+    assert t.keys == ((10, 2), (11, 5), (12, 7)) and sorted(t.row_of.values()) == [0, 1, 2]
+    assert t.w13.shape[0] == 3 + SPARE_ROWS and slots.reserved_bytes() == (3 + SPARE_ROWS) * per_slot
+    for (slot, expert), row in t.row_of.items():  # each row holds its expert's weights, gate then up
+        names = expert_names("mixtral", mix["spec"].moe_layers[1], expert)
+        assert torch.equal(t.w13[row], torch.cat([reader.get(names.gate), reader.get(names.up)]))
+        assert torch.equal(t.w2[row], reader.get(names.down))
+    assert slots.nbytes() == 3 * per_slot == t.nbytes()
+    kept = {k: (t.w13[r].data_ptr(), t.w2[r].data_ptr(), t.w13[r].clone()) for k, r in t.row_of.items()}
+    slots.load(reader, 1, [(11, 3)], stage=True)
     new = slots.table(1)
-    # the copies already held keep their storage: staging copied nothing of them
-    assert {k: (e[1].data_ptr(), e[2].data_ptr()) for k, e in new.entries.items() if k in kept} == kept
-    assert slots.nbytes() == 4 * mix["per_slot"]
-    del new
+    # written into a spare row of the same storage: the copies already held were neither moved nor touched
+    assert new.w13.data_ptr() == t.w13.data_ptr() and new.row_of[(11, 3)] == 3
+    for k, (p13, p2, w13) in kept.items():
+        r = new.row_of[k]
+        assert (new.w13[r].data_ptr(), new.w2[r].data_ptr()) == (p13, p2) and torch.equal(new.w13[r], w13)
+    assert slots.nbytes() == 4 * per_slot and slots.reserved_bytes() == (3 + SPARE_ROWS) * per_slot
+    freed = new.row_of[(11, 5)]
     slots.unload(1, [(11, 5)])
-    gc.collect()
-    assert released[0]() is None and released[1]() is None  # the released copy is gone
-    assert slots.nbytes() == 3 * mix["per_slot"]
-    slots.unload(1, [10, 11, 12])
-    assert slots.table(1).w13 is None and slots.nbytes() == 0
+    assert slots.nbytes() == 3 * per_slot
+    slots.load(reader, 1, [(20, 4)], stage=True)  # no compute is running: the released row is reused
+    assert slots.table(1).row_of[(20, 4)] == freed and slots.table(1).w13.data_ptr() == t.w13.data_ptr()
+    assert torch.equal(slots.compute(1, [20], [5], mix["x"], [4]), _want(mix, 1, 4))
+    slots.unload(1, [10, 11, 12, 20])
+    assert slots.table(1).keys == () and slots.nbytes() == 0
+
+
+def test_a_full_storage_grows_once_and_keeps_every_copy_exact(mix):
+    slots, reader, x = mix["slots"], mix["reader"], mix["x"]
+    old = slots.table(1)
+    slots.load(reader, 1, [(20, 0), (21, 1), (22, 3), (23, 4)], stage=True)  # 4 new copies, 2 spare rows
+    new = slots.table(1)
+    assert new.w13.data_ptr() != old.w13.data_ptr() and new.w13.shape[0] >= 7  # one re-stack
+    for slot, expert in [(10, 2), (11, 5), (12, 7), (20, 0), (21, 1), (22, 3), (23, 4)]:
+        assert torch.equal(slots.compute(1, [slot], [5], x, [expert]), _want(mix, 1, expert))
+    # a compute on the table from before the growth still reads the old storage
+    assert torch.equal(slots.compute(1, [11], [5], x, [5], table=old), _want(mix, 1, 5))
+
+
+def test_a_released_row_is_not_reused_while_a_compute_on_an_older_table_runs(mix, monkeypatch):
+    slots, reader, x = mix["slots"], mix["reader"], mix["x"]
+    inside, go = threading.Event(), threading.Event()
+    import moeyard.expert_actors.slots as slots_module
+
+    real = slots_module.grouped_swiglu
+
+    def slow(*args, **kw):  # the compute has its table and rows; it reads the weights after the changes
+        inside.set()
+        assert go.wait(30)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(slots_module, "grouped_swiglu", slow)
+    got = []
+    worker = threading.Thread(target=lambda: got.append(slots.compute(1, [11], [5], x, [5])))
+    worker.start()
+    try:
+        assert inside.wait(30)
+        row5 = slots.table(1).row_of[(11, 5)]
+        slots.unload(1, [(11, 5)])
+        slots.load(reader, 1, [(11, 6)], stage=True)  # must not overwrite expert 5's row: it is being read
+        assert slots.table(1).row_of[(11, 6)] != row5
+    finally:
+        go.set()
+        worker.join(30)
+    monkeypatch.setattr(slots_module, "grouped_swiglu", real)
+    assert torch.equal(got[0], _want(mix, 1, 5))
+    slots.load(reader, 1, [(30, 1)], stage=True)  # that compute is done: the row is free again
+    assert slots.table(1).row_of[(30, 1)] == row5
 
 
 def test_compute_on_a_snapshot_ignores_a_later_swap(mix):
@@ -143,17 +191,17 @@ def test_compute_on_a_snapshot_ignores_a_later_swap(mix):
 
 
 def test_load_does_not_block_compute(mix, monkeypatch):
-    """While a load builds its new table (held here), computes run on the current table."""
+    """While a load writes its rows (held here), computes run on the current table."""
     slots, x = mix["slots"], mix["x"]
     building, release = threading.Event(), threading.Event()
-    real_build = SlotTable.build
+    real_write = LayerStorage.write
 
-    def slow_build(*args, **kw):
+    def slow_write(*args, **kw):
         building.set()
         assert release.wait(30)
-        return real_build(*args, **kw)
+        return real_write(*args, **kw)
 
-    monkeypatch.setattr(SlotTable, "build", staticmethod(slow_build))
+    monkeypatch.setattr(LayerStorage, "write", slow_write)
     loader = threading.Thread(target=slots.load, args=(mix["reader"], 1, [(11, 3)]), kwargs=dict(stage=True))
     loader.start()
     try:

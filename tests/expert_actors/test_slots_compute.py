@@ -86,3 +86,26 @@ def test_expert_slots_refuse_bad_expert_and_dense_model(hf_models):
     dense_ckpt, _ = hf_models("llama")
     with pytest.raises(ValueError, match="no MoE layers"):
         ExpertSlots(load_spec(dense_ckpt), torch.float32)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_grouped_gemm_shard_equals_the_loop_shard(hf_models, dtype, rtol):
+    """The same slots, staged copies and empty segments through one grouped GEMM per projection and
+    through the per-row loop."""
+    ckpt, _ = hf_models("mixtral")
+    spec = load_spec(ckpt)
+    reader = CheckpointReader(ckpt)
+    shards = {mode: ExpertSlots(spec, dtype, gemm=mode) for mode in ("grouped", "loop")}
+    for s in shards.values():
+        s.load(reader, 1, [(9, 5), (10, 2), (11, 7), (12, 5)])
+        s.load(reader, 1, [(10, 6)], stage=True)  # a staged copy next to expert 2
+    assert shards["grouped"].uses_grouped_gemm() and not shards["loop"].uses_grouped_gemm()
+    x = torch.randn(9, spec.hidden_size, generator=torch.Generator().manual_seed(4)).to(dtype)
+    batch = ([9, 10, 10, 11, 12], [2, 3, 0, 1, 3], [5, 6, 2, 7, 5])
+    got, want = (shards[m].compute(1, batch[0], batch[1], x, batch[2]) for m in ("grouped", "loop"))
+    assert float((got.float() - want.float()).abs().max()) <= rtol * float(want.float().abs().max())
+
+
+def test_auto_gemm_on_the_cpu_is_the_loop(hf_models):
+    ckpt, _ = hf_models("mixtral")
+    assert not ExpertSlots(load_spec(ckpt), torch.bfloat16).uses_grouped_gemm()

@@ -9,7 +9,10 @@ import torch
 
 from moeyard.model.ffn import (
     bucket_rows,
+    gemm_shapes_ok,
+    grouped_gemm_supported,
     grouped_swiglu,
+    grouped_swiglu_gemm,
     swiglu,
     uses_row_buckets,
 )
@@ -135,3 +138,42 @@ def test_dense_swiglu_matches_reference():
     out = swiglu(x, w13[0, :I], w13[0, I:], w2[0])
     ref = torch.stack([_ffn_ref_token(x[t], w13[0, :I], w13[0, I:], w2[0]) for t in range(4)])
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+# -- one grouped GEMM per projection against the loop ---------------------------------------------
+
+BF16_GEMM_RTOL = 2e-2
+"""bf16: the grouped GEMM and the loop may accumulate in another order; outputs agree within this
+fraction of the output's largest magnitude."""
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, BF16_GEMM_RTOL)])
+@pytest.mark.parametrize("rows, counts", [
+    ([0, 1, 2, 3], [3, 1, 4, 2]),          # in row order
+    ([4, 0, 2, 5], [3, 0, 5, 2]),          # out of order, a segment with no tokens, rows 1 and 3 unused
+    ([5, 1, 5], [2, 3, 1]),                # a row twice (the same slot named twice)
+    ([2], [7]),                            # one segment
+])
+def test_grouped_gemm_equals_the_loop(dtype, rtol, rows, counts):
+    if not grouped_gemm_supported(torch.device("cpu"), dtype):
+        pytest.fail(f"torch {torch.__version__} has no grouped_mm for {dtype} on the CPU")
+    g = torch.Generator().manual_seed(11)
+    C, D, I = 6, 32, 48
+    w13 = torch.randn(C, 2 * I, D, generator=g).to(dtype)
+    w2 = torch.randn(C, D, I, generator=g).to(dtype)
+    x = torch.randn(sum(counts), D, generator=g).to(dtype)
+    got = grouped_swiglu_gemm(x, counts, w13, w2, rows)
+    want = grouped_swiglu(x, counts, w13, w2, rows)
+    assert got.dtype == dtype and got.shape == want.shape
+    scale = want.float().abs().max()
+    assert float((got.float() - want.float()).abs().max()) <= rtol * float(scale), f"{dtype} {rows} {counts}"
+
+
+def test_grouped_gemm_of_no_tokens_is_empty():
+    w13, w2 = torch.randn(3, 64, 16), torch.randn(3, 16, 32)
+    assert grouped_swiglu_gemm(torch.zeros(0, 16), [0, 0], w13, w2, [2, 0]).shape == (0, 16)
+
+
+def test_grouped_gemm_needs_strides_of_16_bytes():
+    assert gemm_shapes_ok(64, 128, torch.bfloat16) and gemm_shapes_ok(4, 8, torch.float32)
+    assert not gemm_shapes_ok(60, 128, torch.bfloat16) and not gemm_shapes_ok(6, 8, torch.float32)
