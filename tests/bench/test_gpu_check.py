@@ -1,0 +1,39 @@
+"""``bench/gpu_check.py --device cpu --quick``: the GPU check runs end to end, so it cannot rot before a GPU
+is lent (its stages at toy sizes, the same code paths)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_check_runs_on_the_cpu_at_toy_sizes(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--quick"], cwd=ROOT,
+                       env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["ok"] and set(report["stages"]) == {"a", "b", "e"}
+    families = report["stages"]["a"]["families"]
+    assert len(families) == 8
+    for family, f in families.items():
+        assert f["device_equals_cpu"] and f["cpu_equals_transformers"], family
+        assert f["bf16_logits_err_over_fp32_std"] < 0.2, (family, f)
+    runs = report["stages"]["b"]["runs"]
+    assert [run["tokens"] for run in runs] == [64, 256]
+    assert all(run["loop_ms"][0] > 0 and run["rel_err"] < 2e-2 for run in runs)
+    assert report["stages"]["e"]["host_to_host_gbs"] > 0
+    assert report["machine"]["torch"] == torch.__version__
+
+
+def test_gpu_check_refuses_an_unknown_stage():
+    r = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--stages", "a,z"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unknown stage(s) ['z']" in r.stderr
