@@ -27,7 +27,7 @@ from moeyard.attention.sequence import RequestError, RequestOutput, SamplingPara
 from moeyard.attention.tokenizer import TextTokenizer, load_tokenizer
 from moeyard.attention.weights import load_attention_weights
 from moeyard.model.checkpoint import CheckpointReader
-from moeyard.model.devices import resolve_device
+from moeyard.model.devices import host_tensor_to, resolve_device
 from moeyard.model.dtypes import resolve_dtype
 from moeyard.model.spec import ModelSpec, load_spec
 from moeyard.router_service.dispatch import ExpertDispatcher
@@ -179,8 +179,8 @@ class LLMEngine:
                 sample_rows.append(row - 1)
                 sampled.append(seq)
         meta = AttnMeta.build(q_lens, ctx_lens, tables, self.blocks.block_size, self.device)
-        i64 = dict(dtype=torch.int64, device=self.device)
-        return (torch.tensor(ids, **i64), meta, torch.tensor(sample_rows, **i64)), sampled
+        ids_t = host_tensor_to(ids, torch.int64, self.device)
+        return (ids_t, meta, host_tensor_to(sample_rows, torch.int64, self.device)), sampled
 
     @staticmethod
     def _split(pairs: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:

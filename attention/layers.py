@@ -31,6 +31,7 @@ class AttnMeta:
 
     ``positions [T]``, ``slot_mapping [T]`` (cache slot of each new token),
     ``tok_idx [B, Q]`` (row of ``T`` for each padded query), ``valid_q [B, Q]``,
+    ``valid_rows [T]`` (the padded ``B * Q`` rows that hold a real query, in token order),
     ``cache_slots [B, C]`` (cache slot of each context position),
     ``mask [B, 1, Q, C]`` (causal and length mask).
     """
@@ -39,15 +40,25 @@ class AttnMeta:
     slot_mapping: torch.Tensor
     tok_idx: torch.Tensor
     valid_q: torch.Tensor
+    valid_rows: torch.Tensor
     cache_slots: torch.Tensor
     mask: torch.Tensor
 
     @staticmethod
     def build(q_lens: list[int], ctx_lens: list[int], block_tables: list[list[int]], block_size: int,
               device: torch.device | str = "cpu") -> "AttnMeta":
-        """The step's indexing on ``device``, from host lists in a few copies (no host sync)."""
+        """The step's indexing, built on the host from its lists and copied to ``device`` without a host
+        sync (every shape is known from the lists: nothing waits for the device)."""
+        meta = AttnMeta._build_on_host(q_lens, ctx_lens, block_tables, block_size)
+        if torch.device(device).type == "cpu":
+            return meta
+        return AttnMeta(*(getattr(meta, f).to(device, non_blocking=True) for f in AttnMeta.__dataclass_fields__))
+
+    @staticmethod
+    def _build_on_host(q_lens: list[int], ctx_lens: list[int], block_tables: list[list[int]],
+                       block_size: int) -> "AttnMeta":
         b = len(q_lens)
-        i64 = dict(dtype=torch.int64, device=device)
+        i64 = dict(dtype=torch.int64, device="cpu")
         total, qmax, cmax = sum(q_lens), max(q_lens), max(ctx_lens)
         q_len_t = torch.tensor(q_lens, **i64)
         ctx_t = torch.tensor(ctx_lens, **i64)
@@ -67,7 +78,8 @@ class AttnMeta:
             + kp % block_size
         qpos = (ctx_t - q_len_t).unsqueeze(1) + qi  # [B, Q]
         mask = (kp.view(1, 1, -1) <= qpos.unsqueeze(-1)) & (kp.view(1, 1, -1) < ctx_t.view(-1, 1, 1))
-        return AttnMeta(positions, slot_mapping, tok_idx, valid_q, cache_slots, mask.unsqueeze(1))
+        valid_rows = torch.tensor([i * qmax + j for i, n in enumerate(q_lens) for j in range(n)], **i64)
+        return AttnMeta(positions, slot_mapping, tok_idx, valid_q, valid_rows, cache_slots, mask.unsqueeze(1))
 
 
 _SMALL_Q = 8
@@ -95,7 +107,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, s
         out = F.scaled_dot_product_attention(qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=meta.mask, scale=scale, enable_gqa=kv != h)
         out = out.transpose(1, 2)                      # [B, Q, H, dv]
-    return out[meta.valid_q].reshape(q.shape[0], -1)
+    # the real queries' rows by index, not by boolean mask (a mask's result size would need a host sync)
+    return out.reshape(b * qn, -1).index_select(0, meta.valid_rows).reshape(q.shape[0], -1)
 
 
 def gqa_attention(x: torch.Tensor, w: GQAWeights, spec: ModelSpec, layer: int, cache: KVCache,

@@ -11,6 +11,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from moeyard.attention.sequence import Sequence
+from moeyard.model.devices import host_tensor_to
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -41,8 +42,7 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence]) -> list[int]:
     rand = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if rand:
         cpu = torch.device("cpu")
-        rows = torch.tensor(rand, dtype=torch.int64, device=logits.device)
-        sub = logits.index_select(0, rows).to(cpu)
+        sub = logits.index_select(0, host_tensor_to(rand, torch.int64, logits.device)).to(cpu)
         # a temperature or top_p that rounds to 0 in fp32 would turn the row into NaN: the limits
         # (greedy, top token only) are what such values mean
         temps = torch.tensor([seqs[i].params.temperature for i in rand], dtype=torch.float32, device=cpu)

@@ -31,3 +31,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     elif dev.type != "cpu":
         raise ValueError(f"unsupported device {device!s}; use auto, cpu, cuda or cuda:N")
     return dev
+
+
+def host_tensor_to(data, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A tensor of host data (a list) on ``device`` without a host sync: made on the CPU, then copied
+    with ``non_blocking`` (the driver stages pageable memory before the call returns)."""
+    t = torch.tensor(data, dtype=dtype, device="cpu")
+    return t if torch.device(device).type == "cpu" else t.to(device, non_blocking=True)

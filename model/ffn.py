@@ -31,6 +31,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from moeyard.model.devices import host_tensor_to
+
 
 def grouped_swiglu(x: torch.Tensor, counts: list[int] | torch.Tensor, w13: torch.Tensor | Sequence[torch.Tensor],
                    w2: torch.Tensor | Sequence[torch.Tensor], slot_index: list[int] | None = None) -> torch.Tensor:
@@ -99,8 +101,8 @@ def grouped_swiglu_gemm(x: torch.Tensor, counts: Sequence[int], w13: torch.Tenso
         starts.append(starts[-1] + c)
     order = sorted(range(len(rows)), key=rows.__getitem__)
     if order != list(range(len(rows))):
-        idx = torch.tensor([i for s in order for i in range(starts[s], starts[s] + counts[s])],
-                           dtype=torch.int64, device=x.device)
+        idx = host_tensor_to([i for s in order for i in range(starts[s], starts[s] + counts[s])],
+                             torch.int64, x.device)
         xs = x.index_select(0, idx)
     else:
         idx, xs = None, x
@@ -111,7 +113,7 @@ def grouped_swiglu_gemm(x: torch.Tensor, counts: Sequence[int], w13: torch.Tenso
     for c in per_row:
         acc += c
         ends.append(acc)
-    offs = torch.tensor(ends, dtype=torch.int32, device=x.device)
+    offs = host_tensor_to(ends, torch.int32, x.device)
     inter = w2.shape[-1]
     h = F.grouped_mm(xs, w13.transpose(1, 2), offs=offs)
     y = F.grouped_mm(F.silu(h[:, :inter]) * h[:, inter:], w2.transpose(1, 2), offs=offs)
