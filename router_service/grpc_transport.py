@@ -201,6 +201,7 @@ class GrpcTransport:
         if n == 0:
             result.set_result([])
             return result
+        hidden = _on_host([b.hidden for b in batches], self.wire_dtype)
         outs: list[torch.Tensor | None] = [None] * n
         left = [n]
         lock = threading.Lock()
@@ -251,7 +252,7 @@ class GrpcTransport:
                 stub = self._stub(b.shard)
                 req = pb.ComputeRequest(moe_layer=moe_layer, epoch=epoch, slot_ids=b.slot_ids, counts=b.counts,
                                         experts=b.experts)
-                tensor_to_proto(b.hidden, self.wire_dtype, out=req.hidden)
+                tensor_to_proto(hidden[i], self.wire_dtype, out=req.hidden)
                 call = stub.Compute.future(req, timeout=self.timeout_s)
             except ShardUnavailable as e:
                 fail(e)
@@ -305,3 +306,19 @@ class GrpcTransport:
             pb.SlotRef(moe_layer=r[0], slot=r[1]) if len(r) < 3 or r[2] is None
             else pb.SlotRef(moe_layer=r[0], slot=r[1], expert=r[2]) for r in refs])
         return self._unary(shard, "UnloadSlots", req, timeout).slots_unloaded
+
+
+def _on_host(parts: list[torch.Tensor], wire_dtype: torch.dtype | None) -> list[torch.Tensor]:
+    """The batches' hidden states in host memory, cast to the wire dtype: one device-to-host copy for the
+    whole layer where they live on an accelerator (one copy per shard would wait once per shard)."""
+    if all(p.device.type == "cpu" for p in parts):
+        return parts
+    flat = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if wire_dtype is not None:
+        flat = flat.to(wire_dtype)
+    host = flat.cpu()
+    out, start = [], 0
+    for p in parts:
+        out.append(host[start:start + p.shape[0]])
+        start += p.shape[0]
+    return out

@@ -72,7 +72,8 @@ class AttentionReplica:
         c = self.cfg
         client = connect(c.redis)
         dispatcher = engine.router.dispatcher
-        dispatcher.recorder = LoadRecorder(placement.num_layers, placement.num_experts, placement.num_slots)
+        dispatcher.recorder = LoadRecorder(placement.num_layers, placement.num_experts, placement.num_slots,
+                                           device=engine.device)  # counts where the ids are: no sync
         self.flusher = LoadFlusher(dispatcher.recorder, lambda: client, c.redis, self.replica_id,
                                    epoch_fn=lambda: (dispatcher.placement.epoch, dispatcher.placement.num_slots),
                                    on_snapshot=lambda snap: self.metrics.expert_load(
