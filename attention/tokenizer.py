@@ -1,7 +1,11 @@
-"""Tokenizer of a checkpoint, from its ``tokenizer.json`` via ``tokenizers``."""
+"""Tokenizer of a checkpoint, from its ``tokenizer.json`` via ``tokenizers``, and its chat template
+(``tokenizer_config.json``'s ``chat_template``, a Jinja template rendered as ``transformers`` does)."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -9,9 +13,42 @@ from tokenizers import Tokenizer
 from moeyard.attention.sequence import RequestError
 
 
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
 class TextTokenizer:
-    def __init__(self, tok: Tokenizer):
+    def __init__(self, tok: Tokenizer, chat_template: str | None = None, special: dict[str, str] | None = None):
         self.tok = tok
+        self.chat_template = chat_template
+        """The checkpoint's Jinja chat template (None: it has none)."""
+        self.special = dict(special or {})
+        """``bos_token``/``eos_token`` texts the template may use."""
+        self._template = None
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> str:
+        """The conversation as the prompt text the model was trained on (RequestError without a template)."""
+        if not self.chat_template:
+            raise RequestError("this checkpoint has no chat template: send a plain prompt")
+        if self._template is None:
+            from jinja2.exceptions import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message):
+                raise TemplateError(message)
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.chat_template)
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return self._template.render(messages=[{"role": m.role, "content": m.content} for m in messages],
+                                         add_generation_prompt=add_generation_prompt, **self.special)
+        except TemplateError as e:
+            raise RequestError(f"the chat template refused the messages: {e}") from None
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -21,9 +58,15 @@ class TextTokenizer:
 
 
 def load_tokenizer(model_dir: str | Path) -> TextTokenizer | None:
-    """The checkpoint's tokenizer, or None when it ships without one."""
+    """The checkpoint's tokenizer (and chat template), or None when it ships without one."""
     path = Path(model_dir) / "tokenizer.json"
-    return TextTokenizer(Tokenizer.from_file(str(path))) if path.is_file() else None
+    if not path.is_file():
+        return None
+    config_path = Path(model_dir) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    special = {k: v for k in ("bos_token", "eos_token") if isinstance(v := config.get(k), str)}
+    template = config.get("chat_template")
+    return TextTokenizer(Tokenizer.from_file(str(path)), template if isinstance(template, str) else None, special)
 
 
 def require_tokenizer(tok: TextTokenizer | None) -> TextTokenizer:

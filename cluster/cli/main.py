@@ -31,11 +31,14 @@ def _add_make_model(sub) -> None:
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text in-process (--model) or through a cluster (--addr)")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--model", type=Path, help="checkpoint directory (runs the in-process engine)")
+    where.add_argument("--model", type=Path, help="checkpoint directory or dense Llama-family .gguf file "
+                                                  "(runs the in-process engine)")
     where.add_argument("--addr", help="HOST:PORT of a running cluster's API")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
     prompt.add_argument("--token-ids", type=_csv_ints, help="prompt as comma-separated token ids")
+    p.add_argument("--chat", action="store_true",
+                   help="send --prompt as one user message through the checkpoint's chat template")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -59,11 +62,27 @@ def cmd_generate(args) -> int:
     from moeyard.attention.sequence import RequestError, SamplingParams
     from moeyard.attention.tokenizer import require_tokenizer
 
+    if args.chat and args.prompt is None:
+        print("error: --chat needs --prompt (the user message)", file=sys.stderr)
+        return 2
     if args.addr:
+        if args.chat:
+            print("error: --chat runs in-process (--model) for now: the API has no messages form yet",
+                  file=sys.stderr)
+            return 2
         return _generate_remote(args)
-    from moeyard.cluster.config import DEMO_MODEL_DIR
+    from moeyard.cluster.config import DEMO_MODEL_DIR, MOEYARD_HOME
 
     model = args.model or DEMO_MODEL_DIR
+    if Path(model).suffix == ".gguf" and Path(model).is_file():
+        from moeyard.model.gguf_checkpoint import GGUFError, cached_checkpoint
+
+        print(f"reading {model} (converted once, cached under {MOEYARD_HOME / 'gguf'})", file=sys.stderr)
+        try:
+            model = cached_checkpoint(model, MOEYARD_HOME / "gguf")
+        except GGUFError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if not (Path(model) / "config.json").is_file():
         print(f"error: {model} is not a checkpoint directory (no config.json); "
               "make one with `moeyard make-model`", file=sys.stderr)
@@ -73,7 +92,12 @@ def cmd_generate(args) -> int:
                             stop=tuple(args.stop), ignore_eos=args.ignore_eos)
     engine = LLMEngine(model, EngineConfig(dtype=args.dtype, max_num_seqs=1))
     try:
-        if args.prompt is not None:
+        if args.prompt is not None and args.chat:
+            from moeyard.attention.tokenizer import ChatMessage
+
+            tok = require_tokenizer(engine.tokenizer)
+            ids = tok.encode(tok.apply_chat_template([ChatMessage("user", args.prompt)]))
+        elif args.prompt is not None:
             ids = require_tokenizer(engine.tokenizer).encode(args.prompt)
         else:
             ids = args.token_ids
