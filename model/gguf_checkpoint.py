@@ -136,7 +136,8 @@ class GGUFCheckpoint:
             return None if v is None else int(v)
 
         return GGUFTokenizer(
-            tokens=list(self._get("tokenizer.ggml.tokens") or []), merges=list(self._get("tokenizer.ggml.merges") or []),
+            tokens=list(self._get("tokenizer.ggml.tokens") or []),
+            merges=list(self._get("tokenizer.ggml.merges") or []),
             token_types=[int(t) for t in (self._get("tokenizer.ggml.token_type") or [])],
             pre=self._get("tokenizer.ggml.pre"), bos_token_id=opt_int("tokenizer.ggml.bos_token_id"),
             eos_token_id=opt_int("tokenizer.ggml.eos_token_id"),
@@ -192,8 +193,8 @@ class GGUFCheckpoint:
         else:
             bpe.pre_tokenizer = byte_level
         bpe.decoder = decoders.ByteLevel()
-        special = [AddedToken(t, special=True, normalized=False)
-                   for t, kind in zip(tok.tokens, tok.token_types) if kind in (_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED)]
+        special = [AddedToken(t, special=True, normalized=False) for t, kind in zip(tok.tokens, tok.token_types)
+                   if kind in (_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED)]
         if special:
             bpe.add_special_tokens(special)
         tconfig = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": tok.add_bos_token,

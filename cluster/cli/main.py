@@ -28,6 +28,78 @@ def _add_make_model(sub) -> None:
     p.set_defaults(func=make_model.run)
 
 
+def _add_upcycle(sub) -> None:
+    p = sub.add_parser("upcycle", help="turn a dense Llama/Qwen2 checkpoint (folder or .gguf) into an MoE")
+    p.add_argument("--dense", type=Path, required=True, help="dense checkpoint folder or .gguf file")
+    p.add_argument("--out", type=Path, required=True, help="folder to write (must not exist)")
+    p.add_argument("--experts", type=int, required=True, help="experts per MoE layer")
+    p.add_argument("--top-k", type=int, required=True, help="experts per token")
+    p.add_argument("--mode", default="copy", help="copy: every expert is the dense FFN (exactly the dense function)")
+    p.add_argument("--router", default="random", help="random, or kmeans (fitted on the calibration text)")
+    p.add_argument("--calib", type=Path, help="calibration text file (default: a licence text installed here)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="weights of the output (default: the dense checkpoint's)")
+    p.set_defaults(func=cmd_upcycle)
+
+
+def cmd_upcycle(args) -> int:
+    from moeyard.cluster.config import MOEYARD_HOME
+    from moeyard.model.gguf_checkpoint import GGUFError, cached_checkpoint
+    from moeyard.model.upcycle import UpcycleError, UpcycleOptions, upcycle
+
+    opts = UpcycleOptions(args.experts, args.top_k, args.mode, args.router, args.seed, args.dtype)
+    try:
+        opts.check()
+        dense = args.dense
+        if dense.suffix == ".gguf" and dense.is_file():
+            dense = cached_checkpoint(dense, MOEYARD_HOME / "gguf")
+        out = upcycle(dense, args.out, opts, calib_ids=lambda: _calibration_ids(dense, args.calib))
+    except (UpcycleError, GGUFError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({opts.experts} experts, top-{opts.top_k}, {opts.mode}, router {opts.router})")
+    return 0
+
+
+def _calibration_ids(model_dir: Path, calib: Path | None, max_tokens: int = 2048) -> list[int]:
+    """Token ids of the calibration text: ``calib``, else the longest licence text an installed package ships."""
+    from moeyard.attention.tokenizer import load_tokenizer
+    from moeyard.model.upcycle import UpcycleError
+
+    tok = load_tokenizer(model_dir)
+    if tok is None:
+        raise UpcycleError(f"{model_dir} has no tokenizer.json: the calibration text cannot be tokenized")
+    if calib is not None:
+        text = calib.read_text(errors="replace")
+    else:
+        text = _installed_licence_text()
+    ids = tok.encode(text)[:max_tokens]
+    if len(ids) < 64:
+        raise UpcycleError("the calibration text is too short (fewer than 64 tokens)")
+    return ids
+
+
+def _installed_licence_text() -> str:
+    from importlib import metadata
+
+    best = ""
+    for dist in metadata.distributions():
+        for f in dist.files or []:
+            if f.name.upper().startswith(("LICENSE", "LICENCE", "COPYING")) and f.suffix in ("", ".txt", ".md"):
+                try:
+                    text = f.read_text()
+                except (OSError, UnicodeDecodeError):
+                    continue
+                if len(text) > len(best):
+                    best = text
+    if not best:
+        from moeyard.model.upcycle import UpcycleError
+
+        raise UpcycleError("no calibration text: pass --calib FILE")
+    return best
+
+
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text in-process (--model) or through a cluster (--addr)")
     where = p.add_mutually_exclusive_group()
@@ -359,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_make_model(sub)
     _add_generate(sub)
+    _add_upcycle(sub)
     _add_cluster(sub)
     _add_plan(sub)
     _add_render_k8s(sub)

@@ -1,0 +1,227 @@
+"""Sparse upcycling: a dense Llama or Qwen2 checkpoint turned into an MoE checkpoint of a family we serve.
+
+``copy`` mode (Komatsuzaki et al.'s sparse upcycling): every expert of a layer is a copy of the layer's
+dense FFN and the routing weights of a token sum to one (top-k renormalised softmax), so the MoE
+computes exactly the dense function whatever the router picks: ``sum_k w_k * FFN(x) = FFN(x)``. The
+router decides only which copies do the work, which is what the load statistics, placement and
+autoscaler see. Routers: ``random`` (seeded normal), or ``kmeans``: each layer's router rows are the
+k-means centroids of the calibration text's FFN inputs at that layer, so that tokens cluster onto
+experts the way real text clusters (skewed load), unlike a random router.
+
+Families: Llama -> ``mixtral`` (the same attention, a softmax top-k renormalised router);
+Qwen2 -> ``qwen2_moe`` with ``norm_topk_prob`` and no shared expert (its q/k/v biases kept).
+The output is written aside and renamed into place: a failure leaves nothing in ``out``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moeyard.model.checkpoint import CheckpointReader
+from moeyard.model.weight_names import dense_mlp_names, expert_names, layer_prefix, router_weight_name
+
+TARGET_FAMILY = {"llama": "mixtral", "qwen2": "qwen2_moe"}
+MAX_EXPERTS = 256
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+class UpcycleError(ValueError):
+    """An upcycle that cannot be done; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class UpcycleOptions:
+    experts: int
+    top_k: int
+    mode: str = "copy"
+    router: str = "random"
+    seed: int = 0
+    dtype: str | None = None
+    """``float32`` or ``bfloat16`` for the output (default: the dense checkpoint's ``torch_dtype``)."""
+
+    def check(self) -> None:
+        if self.mode != "copy":
+            raise UpcycleError(f"--mode {self.mode!r} is not supported (supported: copy)")
+        if self.router not in ("random", "kmeans"):
+            raise UpcycleError(f"--router {self.router!r} is not supported (supported: random, kmeans)")
+        if not 1 <= self.experts <= MAX_EXPERTS:
+            raise UpcycleError(f"--experts must be in [1, {MAX_EXPERTS}], got {self.experts}")
+        if not 1 <= self.top_k <= self.experts:
+            raise UpcycleError(f"--top-k must be in [1, --experts = {self.experts}], got {self.top_k}")
+        if self.dtype not in (None, "float32", "bfloat16"):
+            raise UpcycleError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+
+def moe_config(dense: dict, opts: UpcycleOptions) -> dict:
+    """The MoE ``config.json`` for a dense ``config.json``: the same attention and sizes, E experts of the
+    dense FFN's width, top-k renormalised softmax routing, an explicit (untied) LM head."""
+    family = TARGET_FAMILY[dense["model_type"]]
+    cfg = {k: v for k, v in dense.items() if k not in ("architectures", "model_type", "auto_map")}
+    cfg["tie_word_embeddings"] = False
+    if opts.dtype:
+        cfg["torch_dtype"] = opts.dtype
+    if family == "mixtral":
+        cfg.update(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=opts.experts,
+                   num_experts_per_tok=opts.top_k, router_jitter_noise=0.0, output_router_logits=False,
+                   router_aux_loss_coef=0.0, sliding_window=None)
+        for key in ("mlp_bias", "attention_bias", "pretraining_tp"):
+            cfg.pop(key, None)
+    else:
+        cfg.update(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], num_experts=opts.experts,
+                   num_experts_per_tok=opts.top_k, moe_intermediate_size=dense["intermediate_size"],
+                   shared_expert_intermediate_size=0, norm_topk_prob=True, decoder_sparse_step=1,
+                   mlp_only_layers=[], output_router_logits=False, router_aux_loss_coef=0.0,
+                   qkv_bias=True, use_sliding_window=False)
+    return cfg
+
+
+def kmeans_rows(x: torch.Tensor, k: int, seed: int, iters: int = 25) -> torch.Tensor:
+    """``k`` unit-norm centroids ``[k, D]`` of the rows of ``x [N, D]`` (spherical k-means, k-means++ start).
+
+    Rows are normalised first, so a token's router logit ``x . c`` ranks the centroids by direction."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    xs = torch.nn.functional.normalize(x.float(), dim=1)
+    n = xs.shape[0]
+    if n < k:
+        raise UpcycleError(f"the calibration text gave {n} tokens, fewer than --experts = {k}")
+    first = int(torch.randint(0, n, (1,), generator=g))
+    centers = [xs[first]]
+    for _ in range(1, k):
+        sim = torch.stack(centers) @ xs.T
+        dist = (1 - sim.max(dim=0).values).clamp_min(0) + 1e-12
+        centers.append(xs[int(torch.multinomial(dist, 1, generator=g))])
+    c = torch.stack(centers)
+    for _ in range(iters):
+        assign = (xs @ c.T).argmax(dim=1)
+        sums = torch.zeros_like(c).index_add_(0, assign, xs)
+        counts = torch.bincount(assign, minlength=k)
+        empty = counts == 0
+        c = torch.where(empty[:, None], c, torch.nn.functional.normalize(sums, dim=1))
+    return c
+
+
+def ffn_inputs(dense_dir: Path, token_ids: list[int], chunk: int = 256) -> list[torch.Tensor]:
+    """Per decoder layer, the FFN inputs ``[N, D]`` (after the post-attention norm) of ``token_ids`` run
+    through the dense model in chunks of ``chunk`` tokens (the in-process engine, fp32, CPU)."""
+    from moeyard.attention.engine import EngineConfig, LLMEngine
+    from moeyard.attention.sequence import SamplingParams
+
+    engine = LLMEngine(dense_dir, EngineConfig(dtype="float32", device="cpu", max_num_batched_tokens=chunk,
+                                               max_num_seqs=16))
+    captured: list[list[torch.Tensor]] = [[] for _ in range(engine.spec.num_layers)]
+    runner = engine.runner
+    submit = runner._submit_ffn
+
+    def recording(layer: int, x: torch.Tensor):
+        captured[layer].append(x.detach().clone())
+        return submit(layer, x)
+
+    runner._submit_ffn = recording
+    pieces = [token_ids[i:i + chunk] for i in range(0, len(token_ids), chunk) if len(token_ids[i:i + chunk]) > 1]
+    engine.generate(pieces, SamplingParams(max_tokens=1, ignore_eos=True))
+    return [torch.cat(xs) for xs in captured]
+
+
+def _routers(dense_dir: Path, num_layers: int, hidden: int, opts: UpcycleOptions,
+             calib_ids: Callable[[], list[int]]) -> list[torch.Tensor]:
+    if opts.router == "random":
+        g = torch.Generator(device="cpu").manual_seed(opts.seed)
+        return [torch.randn(opts.experts, hidden, generator=g) * 0.02 for _ in range(num_layers)]
+    inputs = ffn_inputs(dense_dir, calib_ids())
+    scale = 4.0  # router logits of a few units: top-k picks by direction, softmax weights stay soft
+    return [kmeans_rows(x, opts.experts, opts.seed + layer) * scale for layer, x in enumerate(inputs)]
+
+
+def upcycle(dense_dir: str | Path, out_dir: str | Path, opts: UpcycleOptions,
+            calib_ids: Callable[[], list[int]] | None = None) -> Path:
+    """Write the upcycled MoE of the dense checkpoint ``dense_dir`` into ``out_dir``; returns ``out_dir``.
+
+    ``calib_ids`` gives the calibration text's token ids (needed for ``--router kmeans``)."""
+    opts.check()
+    dense_dir, out = Path(dense_dir), Path(out_dir)
+    cfg_path = dense_dir / "config.json"
+    if not cfg_path.is_file():
+        raise UpcycleError(f"{dense_dir} is not a checkpoint directory (no config.json)")
+    dense = json.loads(cfg_path.read_text())
+    if dense.get("model_type") not in TARGET_FAMILY:
+        raise UpcycleError(f"{dense_dir}: model_type {dense.get('model_type')!r} cannot be upcycled "
+                           f"(supported dense families: {', '.join(TARGET_FAMILY)})")
+    if out.exists():
+        raise UpcycleError(f"{out} already exists")
+    if opts.router == "kmeans" and calib_ids is None:
+        raise UpcycleError("--router kmeans needs calibration text")
+    family = TARGET_FAMILY[dense["model_type"]]
+    cfg = moe_config(dense, opts)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.get("torch_dtype") or "float32"]
+    num_layers, hidden = int(dense["num_hidden_layers"]), int(dense["hidden_size"])
+    routers = _routers(dense_dir, num_layers, hidden, opts, calib_ids or (lambda: []))
+    reader = CheckpointReader(dense_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        mlp_names = {n for layer in range(num_layers) for n in vars(dense_mlp_names(layer)).values()}
+        for name in reader.names():
+            if name in mlp_names or name.endswith("rotary_emb.inv_freq"):
+                continue
+            tensors[name] = reader.get(name, dtype=dtype).contiguous()
+        if "lm_head.weight" not in tensors:
+            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        for layer in range(num_layers):
+            dn = dense_mlp_names(layer)
+            gate, up, down = (reader.get(n, dtype=dtype).contiguous() for n in (dn.gate, dn.up, dn.down))
+            for e in range(opts.experts):
+                en = expert_names(family, layer, e)
+                tensors[en.gate], tensors[en.up], tensors[en.down] = gate.clone(), up.clone(), down.clone()
+            tensors[router_weight_name(family, layer)] = routers[layer].to(dtype).contiguous()
+            if family == "qwen2_moe":  # no shared expert: a zero-width one, its gate at zero
+                p = f"{layer_prefix(layer)}.mlp"
+                tensors[f"{p}.shared_expert.gate_proj.weight"] = torch.zeros(0, hidden, dtype=dtype)
+                tensors[f"{p}.shared_expert.up_proj.weight"] = torch.zeros(0, hidden, dtype=dtype)
+                tensors[f"{p}.shared_expert.down_proj.weight"] = torch.zeros(hidden, 0, dtype=dtype)
+                tensors[f"{p}.shared_expert_gate.weight"] = torch.zeros(1, hidden, dtype=dtype)
+        _save_sharded(tensors, tmp)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        for fname in TOKENIZER_FILES:
+            if (dense_dir / fname).is_file():
+                shutil.copy2(dense_dir / fname, tmp / fname)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _save_sharded(tensors: dict[str, torch.Tensor], out: Path, max_bytes: int = 2 << 30) -> None:
+    """safetensors in hub layout: one file, or ``model-0000k-of-0000n`` shards plus the index."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += t.nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    n = len(shards)
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.nbytes for t in tensors.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")

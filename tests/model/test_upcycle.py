@@ -1,0 +1,126 @@
+"""Sparse upcycling (``copy``): the MoE computes exactly the dense function, whatever the router.
+
+Dense Llama and Qwen2 checkpoints made with ``transformers`` (odd sizes, several layers) are upcycled
+with a random and a k-means router; the in-process engine on the MoE, and ``transformers`` loading the
+MoE, give the dense model's greedy tokens (fp32)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeyard.attention.engine import EngineConfig, LLMEngine
+from moeyard.attention.sequence import SamplingParams
+from moeyard.model.spec import load_spec
+from moeyard.model.upcycle import UpcycleError, UpcycleOptions, kmeans_rows, upcycle
+from tests.conftest import save_hf_model
+
+PROMPTS = [[5, 17, 99, 150, 3, 42], [7, 8, 9], [100, 101, 102, 103, 104, 105, 106, 107]]
+NEW = 12
+CALIB = torch.randint(3, 256, (400,), generator=torch.Generator().manual_seed(5)).tolist()
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    """family -> (dense checkpoint dir, transformers model): odd sizes, three layers."""
+    out = {}
+    for family in ("llama", "qwen2"):
+        d = tmp_path_factory.mktemp(f"dense_{family}")
+        extra = {"layer_types": ["full_attention"] * 3} if family == "qwen2" else {}
+        out[family] = (d, save_hf_model(family, d, num_hidden_layers=3, intermediate_size=88, hidden_size=48,
+                                        num_attention_heads=3, num_key_value_heads=1, **extra))
+    return out
+
+
+def _hf_greedy(model, prompt):
+    with torch.no_grad():
+        return model.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("router", ["random", "kmeans"])
+@pytest.mark.parametrize("family, moe_family", [("llama", "mixtral"), ("qwen2", "qwen2_moe")])
+def test_copy_upcycled_moe_gives_the_dense_tokens(dense, tmp_path, family, moe_family, router):
+    import transformers
+
+    ckpt, model = dense[family]
+    out = upcycle(ckpt, tmp_path / "moe", UpcycleOptions(experts=5, top_k=2, router=router, seed=3),
+                  calib_ids=lambda: CALIB)
+    spec = load_spec(out)
+    assert spec.family == moe_family and spec.moe.num_experts == 5 and spec.moe.top_k == 2
+    assert spec.num_moe_layers == 3 and spec.moe.intermediate_size == 88
+    want = [_hf_greedy(model, p) for p in PROMPTS]
+    engine = LLMEngine(out, EngineConfig(dtype="float32"))
+    assert engine.generate(PROMPTS, SamplingParams(max_tokens=NEW, ignore_eos=True)) == want
+    moe = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # loadable by transformers
+    assert type(moe).__name__ == {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}[moe_family]
+    assert [_hf_greedy(moe, p) for p in PROMPTS] == want
+
+
+def test_kmeans_router_rows_are_centroids_of_the_calibration_inputs(dense, tmp_path):
+    from safetensors.torch import load_file
+
+    ckpt, _ = dense["llama"]
+    out = upcycle(ckpt, tmp_path / "moe", UpcycleOptions(experts=4, top_k=1, router="kmeans"),
+                  calib_ids=lambda: CALIB)
+    router = load_file(str(out / "model.safetensors"))["model.layers.1.block_sparse_moe.gate.weight"]
+    assert router.shape == (4, 48)
+    assert torch.allclose(router.norm(dim=1), torch.full((4,), 4.0), atol=1e-4)  # unit centroids x scale
+    # the calibration tokens spread over the experts unevenly, as clusters of real inputs do
+    from moeyard.model.upcycle import ffn_inputs
+
+    x = torch.nn.functional.normalize(ffn_inputs(ckpt, CALIB)[1], dim=1)
+    counts = torch.bincount((x @ router.T).argmax(dim=1), minlength=4)
+    assert int(counts.sum()) >= 390 and bool((counts > 0).all())
+
+
+def test_kmeans_finds_separated_clusters():
+    g = torch.Generator().manual_seed(0)
+    dirs = torch.nn.functional.normalize(torch.randn(3, 16, generator=g), dim=1)
+    x = torch.cat([d + 0.05 * torch.randn(50, 16, generator=g) for d in dirs])
+    c = kmeans_rows(x, 3, seed=1)
+    sims = c @ dirs.T  # each true direction has a centroid close to it
+    assert bool((sims.max(dim=0).values > 0.99).all())
+
+
+@pytest.mark.parametrize("opts, message", [
+    (UpcycleOptions(experts=0, top_k=1), "--experts must be in"),
+    (UpcycleOptions(experts=4, top_k=5), "--top-k must be in [1, --experts = 4]"),
+    (UpcycleOptions(experts=4, top_k=2, mode="split"), "--mode 'split' is not supported"),
+    (UpcycleOptions(experts=4, top_k=2, router="hash"), "--router 'hash' is not supported"),
+])
+def test_bad_options_are_named_and_nothing_is_written(dense, tmp_path, opts, message):
+    ckpt, _ = dense["llama"]
+    with pytest.raises(UpcycleError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        upcycle(ckpt, tmp_path / "moe", opts, calib_ids=lambda: CALIB)
+    assert not list(tmp_path.iterdir())
+
+
+def test_bad_inputs_are_named(dense, tmp_path, hf_models):
+    ckpt, _ = dense["llama"]
+    moe_ckpt, _ = hf_models("mixtral")
+    with pytest.raises(UpcycleError, match="model_type 'mixtral' cannot be upcycled"):
+        upcycle(moe_ckpt, tmp_path / "a", UpcycleOptions(experts=4, top_k=2))
+    with pytest.raises(UpcycleError, match="fewer than --experts = 4"):
+        upcycle(ckpt, tmp_path / "b", UpcycleOptions(experts=4, top_k=2, router="kmeans"), calib_ids=lambda: [5, 6])
+    assert not list(tmp_path.iterdir())  # nothing half-written
+    (tmp_path / "c").mkdir()
+    with pytest.raises(UpcycleError, match="already exists"):
+        upcycle(ckpt, tmp_path / "c", UpcycleOptions(experts=4, top_k=2))
+
+
+def test_upcycle_cli(dense, tmp_path):
+    ckpt, _ = dense["llama"]
+    exe = Path(sys.executable).with_name("moeyard")
+    r = subprocess.run([str(exe), "upcycle", "--dense", str(ckpt), "--out", str(tmp_path / "moe"), "--experts", "3",
+                        "--top-k", "2", "--seed", "7"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "moe" / "config.json").read_text())["num_local_experts"] == 3
+    r = subprocess.run([str(exe), "upcycle", "--dense", str(ckpt), "--out", str(tmp_path / "bad"), "--experts", "3",
+                        "--top-k", "4"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--top-k must be in [1, --experts = 3], got 4" in r.stderr
