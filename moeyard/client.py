@@ -117,12 +117,34 @@ def _error(e: grpc.RpcError) -> MoeyardError:
     return MoeyardError(code or grpc.StatusCode.UNKNOWN, details or "", rid)
 
 
-def build_request(prompt: str | Sequence[int], *, max_new_tokens: int | None = None,
+@dataclass(frozen=True)
+class Message:
+    """One turn of a conversation."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Chat:
+    """A conversation as a prompt: the server renders it with the model's chat template."""
+
+    messages: tuple[Message, ...]
+
+    @classmethod
+    def user(cls, content: str) -> "Chat":
+        return cls((Message("user", content),))
+
+
+def build_request(prompt: str | Sequence[int] | Chat, *, max_new_tokens: int | None = None,
                   temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                   seed: int | None = None, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
                   ignore_eos: bool = False, request_id: str | None = None) -> pb.GenerateRequest:
-    """A ``GenerateRequest``: ``prompt`` is text (a ``str``) or token ids (a sequence of ints)."""
-    if isinstance(prompt, str):
+    """A ``GenerateRequest``: ``prompt`` is text (a ``str``), token ids (a sequence of ints) or a :class:`Chat`."""
+    if isinstance(prompt, Chat):
+        req = pb.GenerateRequest(messages=pb.ChatMessages(
+            messages=[pb.ChatMessage(role=m.role, content=m.content) for m in prompt.messages]))
+    elif isinstance(prompt, str):
         req = pb.GenerateRequest(text=prompt)
     else:
         req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[int(t) for t in prompt]))

@@ -101,7 +101,8 @@ def _installed_licence_text() -> str:
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate text in-process (--model) or through a cluster (--addr)")
+    p = sub.add_parser("generate", help="generate text in-process (--model) or through a cluster (--addr; "
+                                        "neither: the cluster `moeyard up` started, else the demo model)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--model", type=Path, help="checkpoint directory or dense Llama-family .gguf file "
                                                   "(runs the in-process engine)")
@@ -137,11 +138,14 @@ def cmd_generate(args) -> int:
     if args.chat and args.prompt is None:
         print("error: --chat needs --prompt (the user message)", file=sys.stderr)
         return 2
+    if args.addr is None and args.model is None:
+        from moeyard.cluster.cli.local_cluster import load_state
+
+        state = load_state()  # the cluster `moeyard up` started, if any
+        if state is not None:
+            args.addr = state.api
+            args.tls_ca = args.tls_ca or state.tls_ca_file
     if args.addr:
-        if args.chat:
-            print("error: --chat runs in-process (--model) for now: the API has no messages form yet",
-                  file=sys.stderr)
-            return 2
         return _generate_remote(args)
     from moeyard.cluster.config import DEMO_MODEL_DIR, MOEYARD_HOME
 
@@ -278,9 +282,11 @@ def cmd_top(args) -> int:
 
 def _generate_remote(args) -> int:
     """``generate --addr``: stream through the cluster's inference API."""
-    from moeyard.client import GenerateResult, MoeyardClient, MoeyardError
+    from moeyard.client import Chat, GenerateResult, MoeyardClient, MoeyardError
 
     prompt = args.prompt if args.prompt is not None else args.token_ids
+    if args.chat:
+        prompt = Chat.user(args.prompt)
     result = GenerateResult()
     try:
         ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None

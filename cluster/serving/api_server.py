@@ -56,7 +56,7 @@ from grpc_reflection.v1alpha import reflection
 
 from moeyard.attention.async_engine import EngineFailed, QueueFull
 from moeyard.attention.sequence import RequestError, RequestOutput, SamplingParams
-from moeyard.attention.tokenizer import IncrementalDetokenizer, TextTokenizer
+from moeyard.attention.tokenizer import ChatMessage, IncrementalDetokenizer, TextTokenizer
 from moeyard.cluster.serving.api_auth import HEALTH_SERVICE_NAME, BearerAuthInterceptor
 from moeyard.rpc import (
     API_MAX_MESSAGE_BYTES,
@@ -77,6 +77,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
 MAX_REQUEST_ID_CHARS = 128
+MAX_CHAT_MESSAGES = 256
+MAX_ROLE_CHARS = 32
 MIN_TEMPERATURE = 1e-5
 """A temperature in (0, MIN_TEMPERATURE) samples greedily (what sampling tends to as it goes to 0)."""
 MIN_TOP_P = 1e-9
@@ -257,9 +259,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def _prompt(self, req: pb.GenerateRequest) -> list[int]:
         which = req.WhichOneof("prompt")
         if which is None:
-            raise _InvalidRequest("prompt is missing: set text or token_ids")
+            raise _InvalidRequest("prompt is missing: set text, token_ids or messages")
         max_len = self.limits.max_model_len
-        if which == "text":
+        if which == "messages":
+            ids = self.tokenizer_or_fail().encode(self._chat_text(req.messages))
+        elif which == "text":
             if self.tokenizer is None:
                 raise _InvalidRequest("this model has no tokenizer: send token_ids")
             if not req.text:
@@ -278,6 +282,34 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if not ids:
             raise _InvalidRequest("prompt is empty: token_ids has no ids")
         return ids
+
+    def tokenizer_or_fail(self) -> TextTokenizer:
+        if self.tokenizer is None:
+            raise _InvalidRequest("this model has no tokenizer: send token_ids")
+        return self.tokenizer
+
+    def _chat_text(self, chat: pb.ChatMessages) -> str:
+        """The conversation through the model's chat template (checked first: a bounded request)."""
+        tok = self.tokenizer_or_fail()
+        if not tok.chat_template:
+            raise _InvalidRequest("this model has no chat template: send text or token_ids")
+        msgs = list(chat.messages)
+        if not msgs:
+            raise _InvalidRequest("messages is empty: send at least one message")
+        if len(msgs) > MAX_CHAT_MESSAGES:
+            raise _InvalidRequest(f"messages has {len(msgs)} entries; at most {MAX_CHAT_MESSAGES}")
+        for i, m in enumerate(msgs):
+            if not m.role or len(m.role) > MAX_ROLE_CHARS or not m.role.isprintable():
+                raise _InvalidRequest(f"messages[{i}].role must be 1-{MAX_ROLE_CHARS} printable characters")
+        chars = sum(len(m.content) for m in msgs)
+        max_chars = self.limits.max_text_chars
+        if max_chars is not None and chars > max_chars:
+            raise _InvalidRequest(f"messages hold {chars} characters; they cannot fit the maximum context of "
+                                  f"{self.limits.max_model_len} tokens")
+        try:
+            return tok.apply_chat_template([ChatMessage(m.role, m.content) for m in msgs])
+        except RequestError as e:
+            raise _InvalidRequest(str(e)) from None
 
     # -- RPCs ---------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):

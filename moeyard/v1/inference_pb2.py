@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amoeyard/v1/inference.proto\x12\nmoeyard.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xc7\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.moeyard.v1.TokenIdsH\x00\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x12\n\nrequest_id\x18\x0b \x01(\tB\x08\n\x06promptB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x80\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.moeyard.v1.Usage\"\x12\n\x10ModelInfoRequest\"\xf2\x02\n\x11ModelInfoResponse\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x16\n\x0enum_moe_layers\x18\x06 \x01(\r\x12\x13\n\x0bnum_experts\x18\x07 \x01(\r\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\x14\n\x0ctotal_params\x18\t \x01(\x04\x12\x15\n\ractive_params\x18\n \x01(\x04\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x15\n\rhas_tokenizer\x18\x0c \x01(\x08\x12\x1c\n\x14max_new_tokens_limit\x18\r \x01(\r\x12\x19\n\x11num_expert_shards\x18\x0e \x01(\r\x12\x1e\n\x16num_attention_replicas\x18\x0f \x01(\r\x12\x17\n\x0fplacement_epoch\x18\x10 \x01(\x04\x32\x9e\x01\n\tInference\x12G\n\x08Generate\x12\x1b.moeyard.v1.GenerateRequest\x1a\x1c.moeyard.v1.GenerateResponse0\x01\x12H\n\tModelInfo\x12\x1c.moeyard.v1.ModelInfoRequest\x1a\x1d.moeyard.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amoeyard/v1/inference.proto\x12\nmoeyard.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.moeyard.v1.ChatMessage\"\xf5\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.moeyard.v1.TokenIdsH\x00\x12,\n\x08messages\x18\x0c \x01(\x0b\x32\x18.moeyard.v1.ChatMessagesH\x00\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x12\n\nrequest_id\x18\x0b \x01(\tB\x08\n\x06promptB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x80\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.moeyard.v1.Usage\"\x12\n\x10ModelInfoRequest\"\xf2\x02\n\x11ModelInfoResponse\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x16\n\x0enum_moe_layers\x18\x06 \x01(\r\x12\x13\n\x0bnum_experts\x18\x07 \x01(\r\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\x14\n\x0ctotal_params\x18\t \x01(\x04\x12\x15\n\ractive_params\x18\n \x01(\x04\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x15\n\rhas_tokenizer\x18\x0c \x01(\x08\x12\x1c\n\x14max_new_tokens_limit\x18\r \x01(\r\x12\x19\n\x11num_expert_shards\x18\x0e \x01(\r\x12\x1e\n\x16num_attention_replicas\x18\x0f \x01(\r\x12\x17\n\x0fplacement_epoch\x18\x10 \x01(\x04\x32\x9e\x01\n\tInference\x12G\n\x08Generate\x12\x1b.moeyard.v1.GenerateRequest\x1a\x1c.moeyard.v1.GenerateResponse0\x01\x12H\n\tModelInfo\x12\x1c.moeyard.v1.ModelInfoRequest\x1a\x1d.moeyard.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,16 +33,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TOKENIDS']._serialized_start=42
   _globals['_TOKENIDS']._serialized_end=65
-  _globals['_GENERATEREQUEST']._serialized_start=68
-  _globals['_GENERATEREQUEST']._serialized_end=395
-  _globals['_USAGE']._serialized_start=397
-  _globals['_USAGE']._serialized_end=454
-  _globals['_GENERATERESPONSE']._serialized_start=457
-  _globals['_GENERATERESPONSE']._serialized_end=585
-  _globals['_MODELINFOREQUEST']._serialized_start=587
-  _globals['_MODELINFOREQUEST']._serialized_end=605
-  _globals['_MODELINFORESPONSE']._serialized_start=608
-  _globals['_MODELINFORESPONSE']._serialized_end=978
-  _globals['_INFERENCE']._serialized_start=981
-  _globals['_INFERENCE']._serialized_end=1139
+  _globals['_CHATMESSAGE']._serialized_start=67
+  _globals['_CHATMESSAGE']._serialized_end=111
+  _globals['_CHATMESSAGES']._serialized_start=113
+  _globals['_CHATMESSAGES']._serialized_end=170
+  _globals['_GENERATEREQUEST']._serialized_start=173
+  _globals['_GENERATEREQUEST']._serialized_end=546
+  _globals['_USAGE']._serialized_start=548
+  _globals['_USAGE']._serialized_end=605
+  _globals['_GENERATERESPONSE']._serialized_start=608
+  _globals['_GENERATERESPONSE']._serialized_end=736
+  _globals['_MODELINFOREQUEST']._serialized_start=738
+  _globals['_MODELINFOREQUEST']._serialized_end=756
+  _globals['_MODELINFORESPONSE']._serialized_start=759
+  _globals['_MODELINFORESPONSE']._serialized_end=1129
+  _globals['_INFERENCE']._serialized_start=1132
+  _globals['_INFERENCE']._serialized_end=1290
 # @@protoc_insertion_point(module_scope)
