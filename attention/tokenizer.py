@@ -20,8 +20,11 @@ class ChatMessage:
 
 
 class TextTokenizer:
-    def __init__(self, tok: Tokenizer, chat_template: str | None = None, special: dict[str, str] | None = None):
+    def __init__(self, tok: Tokenizer, chat_template: str | None = None, special: dict[str, str] | None = None,
+                 bos_token_id: int | None = None):
         self.tok = tok
+        self.bos_token_id = bos_token_id
+        """Put in front of a plain prompt (the tokenizer config's ``add_bos_token``); None: nothing."""
         self.chat_template = chat_template
         """The checkpoint's Jinja chat template (None: it has none)."""
         self.special = dict(special or {})
@@ -50,8 +53,14 @@ class TextTokenizer:
         except TemplateError as e:
             raise RequestError(f"the chat template refused the messages: {e}") from None
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of ``text``; with ``add_bos`` the BOS token first where the checkpoint's tokenizer config
+        asks for it (``add_bos_token``). A rendered chat template carries its own special tokens: encode it
+        with ``add_bos=False``."""
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        if add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id, *ids]
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
@@ -66,7 +75,9 @@ def load_tokenizer(model_dir: str | Path) -> TextTokenizer | None:
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     special = {k: v for k in ("bos_token", "eos_token") if isinstance(v := config.get(k), str)}
     template = config.get("chat_template")
-    return TextTokenizer(Tokenizer.from_file(str(path)), template if isinstance(template, str) else None, special)
+    tok = Tokenizer.from_file(str(path))
+    bos = tok.token_to_id(special["bos_token"]) if config.get("add_bos_token") and "bos_token" in special else None
+    return TextTokenizer(tok, template if isinstance(template, str) else None, special, bos)
 
 
 def require_tokenizer(tok: TextTokenizer | None) -> TextTokenizer:

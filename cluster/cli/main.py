@@ -172,7 +172,7 @@ def cmd_generate(args) -> int:
             from moeyard.attention.tokenizer import ChatMessage
 
             tok = require_tokenizer(engine.tokenizer)
-            ids = tok.encode(tok.apply_chat_template([ChatMessage("user", args.prompt)]))
+            ids = tok.encode(tok.apply_chat_template([ChatMessage("user", args.prompt)]), add_bos=False)
         elif args.prompt is not None:
             ids = require_tokenizer(engine.tokenizer).encode(args.prompt)
         else:

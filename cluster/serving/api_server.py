@@ -262,7 +262,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise _InvalidRequest("prompt is missing: set text, token_ids or messages")
         max_len = self.limits.max_model_len
         if which == "messages":
-            ids = self.tokenizer_or_fail().encode(self._chat_text(req.messages))
+            ids = self.tokenizer_or_fail().encode(self._chat_text(req.messages), add_bos=False)
         elif which == "text":
             if self.tokenizer is None:
                 raise _InvalidRequest("this model has no tokenizer: send token_ids")

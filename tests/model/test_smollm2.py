@@ -71,7 +71,7 @@ def test_the_tokenizer_encodes_as_transformers_gguf_tokenizer(smollm2_gguf, smol
 def test_chat_answers_are_sensible_english(smollm2_dir):
     tok = load_tokenizer(smollm2_dir)
     engine = LLMEngine(smollm2_dir, EngineConfig(dtype="float32"))
-    prompts = [tok.encode(tok.apply_chat_template([ChatMessage("user", q)])) for q in QUESTIONS]
+    prompts = [tok.encode(tok.apply_chat_template([ChatMessage("user", q)]), add_bos=False) for q in QUESTIONS]
     answers = [tok.decode(ids) for ids in engine.generate(prompts, SamplingParams(max_tokens=32))]
     for (question, needle), answer in zip(QUESTIONS.items(), answers):
         assert needle in answer.lower(), (question, answer)
@@ -87,7 +87,7 @@ def test_generate_cli_answers_from_the_gguf_file(smollm2_gguf, smollm2_dir, tmp_
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     tok = load_tokenizer(smollm2_dir)
-    prompt = tok.encode(tok.apply_chat_template([ChatMessage("user", "What is the capital of France?")]))
+    prompt = tok.encode(tok.apply_chat_template([ChatMessage("user", "What is the capital of France?")]), add_bos=False)
     engine = LLMEngine(smollm2_dir, EngineConfig(dtype="float32"))
     assert out["token_ids"] == engine.generate([prompt], SamplingParams(max_tokens=16))[0]
     assert "Paris" in out["text"]

@@ -42,7 +42,8 @@ def test_messages_are_rendered_with_the_chat_template(chat_served):
     with MoeyardClient(chat_served.addr, token=TOKEN, timeout=60) as c:
         got = c.generate_all(convo, max_new_tokens=8, ignore_eos=True)
     tok = chat_served.engine.tokenizer
-    prompt = tok.encode(tok.apply_chat_template([ChatMessage(m.role, m.content) for m in convo.messages]))
+    prompt = tok.encode(tok.apply_chat_template([ChatMessage(m.role, m.content) for m in convo.messages]),
+                        add_bos=False)
     assert got.usage.prompt_tokens == len(prompt)
     from moeyard.attention.engine import EngineConfig, LLMEngine
 
@@ -76,5 +77,6 @@ def test_generate_cli_sends_chat_to_a_cluster(chat_served, capsys):
                  "--max-new-tokens", "4", "--ignore-eos", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     tok = chat_served.engine.tokenizer
-    assert out["usage"]["prompt_tokens"] == len(tok.encode(tok.apply_chat_template([ChatMessage("user", "hello")])))
+    chat = tok.apply_chat_template([ChatMessage("user", "hello")])
+    assert out["usage"]["prompt_tokens"] == len(tok.encode(chat, add_bos=False))
     assert len(out["token_ids"]) == 4
