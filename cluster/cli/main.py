@@ -44,6 +44,7 @@ def _add_upcycle(sub) -> None:
 
 
 def cmd_upcycle(args) -> int:
+    from moeyard.cluster.cli.calibration import calibration_ids
     from moeyard.cluster.config import MOEYARD_HOME
     from moeyard.model.gguf_checkpoint import GGUFError, cached_checkpoint
     from moeyard.model.upcycle import UpcycleError, UpcycleOptions, upcycle
@@ -54,50 +55,12 @@ def cmd_upcycle(args) -> int:
         dense = args.dense
         if dense.suffix == ".gguf" and dense.is_file():
             dense = cached_checkpoint(dense, MOEYARD_HOME / "gguf")
-        out = upcycle(dense, args.out, opts, calib_ids=lambda: _calibration_ids(dense, args.calib))
+        out = upcycle(dense, args.out, opts, calib_ids=lambda: calibration_ids(dense, args.calib))
     except (UpcycleError, GGUFError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({opts.experts} experts, top-{opts.top_k}, {opts.mode}, router {opts.router})")
     return 0
-
-
-def _calibration_ids(model_dir: Path, calib: Path | None, max_tokens: int = 2048) -> list[int]:
-    """Token ids of the calibration text: ``calib``, else the longest licence text an installed package ships."""
-    from moeyard.attention.tokenizer import load_tokenizer
-    from moeyard.model.upcycle import UpcycleError
-
-    tok = load_tokenizer(model_dir)
-    if tok is None:
-        raise UpcycleError(f"{model_dir} has no tokenizer.json: the calibration text cannot be tokenized")
-    if calib is not None:
-        text = calib.read_text(errors="replace")
-    else:
-        text = _installed_licence_text()
-    ids = tok.encode(text)[:max_tokens]
-    if len(ids) < 64:
-        raise UpcycleError("the calibration text is too short (fewer than 64 tokens)")
-    return ids
-
-
-def _installed_licence_text() -> str:
-    from importlib import metadata
-
-    best = ""
-    for dist in metadata.distributions():
-        for f in dist.files or []:
-            if f.name.upper().startswith(("LICENSE", "LICENCE", "COPYING")) and f.suffix in ("", ".txt", ".md"):
-                try:
-                    text = f.read_text()
-                except (OSError, UnicodeDecodeError):
-                    continue
-                if len(text) > len(best):
-                    best = text
-    if not best:
-        from moeyard.model.upcycle import UpcycleError
-
-        raise UpcycleError("no calibration text: pass --calib FILE")
-    return best
 
 
 def _add_generate(sub) -> None:
@@ -205,7 +168,8 @@ def cmd_generate(args) -> int:
 def _add_cluster(sub) -> None:
     p = sub.add_parser("up", help="start a local cluster (Ray, expert shards, attention replicas, API)")
     p.add_argument("--config", type=Path, help="cluster config file (YAML or JSON)")
-    p.add_argument("--model", help="checkpoint directory (default: a cached demo model)")
+    p.add_argument("--model", help="checkpoint directory (default: SmolLM2-135M-Instruct upcycled into an MoE, "
+                                    "fetched once; offline, a random demo model)")
     p.add_argument("--expert-shards", type=int)
     p.add_argument("--attention-replicas", type=int)
     p.add_argument("--api-port", type=int)

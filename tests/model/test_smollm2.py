@@ -25,14 +25,6 @@ QUESTIONS = {"What is the capital of France?": "paris", "What is 2 + 2?": "4",
 
 
 @pytest.fixture(scope="session")
-def smollm2_gguf(tmp_path_factory) -> Path:
-    try:
-        return smollm2.fetch_gguf(tmp_path_factory.mktemp("smollm2"), timeout_s=300)
-    except smollm2.FetchError as e:
-        pytest.fail(f"SmolLM2 could not be fetched: {e}")
-
-
-@pytest.fixture(scope="session")
 def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
     return convert_gguf(smollm2_gguf, tmp_path_factory.mktemp("smollm2-hub") / "SmolLM2-135M-Instruct")
 
