@@ -5,7 +5,8 @@ dense FFN and the routing weights of a token sum to one (top-k renormalised soft
 computes exactly the dense function whatever the router picks: ``sum_k w_k * FFN(x) = FFN(x)``. The
 router decides only which copies do the work, which is what the load statistics, placement and
 autoscaler see. Routers: ``random`` (seeded normal), or ``kmeans``: each layer's router rows are the
-k-means centroids of the calibration text's FFN inputs at that layer, so that tokens cluster onto
+k-means centroids of the calibration text's FFN inputs at that layer (captured by the caller through the
+in-process engine: ``moeyard.attention.ffn_capture``), so that tokens cluster onto
 experts the way real text clusters (skewed load), unlike a random router.
 
 Families: Llama -> ``mixtral`` (the same attention, a softmax top-k renormalised router);
@@ -108,43 +109,24 @@ def kmeans_rows(x: torch.Tensor, k: int, seed: int, iters: int = 25) -> torch.Te
     return c
 
 
-def ffn_inputs(dense_dir: Path, token_ids: list[int], chunk: int = 256) -> list[torch.Tensor]:
-    """Per decoder layer, the FFN inputs ``[N, D]`` (after the post-attention norm) of ``token_ids`` run
-    through the dense model in chunks of ``chunk`` tokens (the in-process engine, fp32, CPU)."""
-    from moeyard.attention.engine import EngineConfig, LLMEngine
-    from moeyard.attention.sequence import SamplingParams
-
-    engine = LLMEngine(dense_dir, EngineConfig(dtype="float32", device="cpu", max_num_batched_tokens=chunk,
-                                               max_num_seqs=16))
-    captured: list[list[torch.Tensor]] = [[] for _ in range(engine.spec.num_layers)]
-    runner = engine.runner
-    submit = runner._submit_ffn
-
-    def recording(layer: int, x: torch.Tensor):
-        captured[layer].append(x.detach().clone())
-        return submit(layer, x)
-
-    runner._submit_ffn = recording
-    pieces = [token_ids[i:i + chunk] for i in range(0, len(token_ids), chunk) if len(token_ids[i:i + chunk]) > 1]
-    engine.generate(pieces, SamplingParams(max_tokens=1, ignore_eos=True))
-    return [torch.cat(xs) for xs in captured]
-
-
-def _routers(dense_dir: Path, num_layers: int, hidden: int, opts: UpcycleOptions,
-             calib_ids: Callable[[], list[int]]) -> list[torch.Tensor]:
+def _routers(num_layers: int, hidden: int, opts: UpcycleOptions,
+             calib_inputs: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
     if opts.router == "random":
         g = torch.Generator(device="cpu").manual_seed(opts.seed)
         return [torch.randn(opts.experts, hidden, generator=g) * 0.02 for _ in range(num_layers)]
-    inputs = ffn_inputs(dense_dir, calib_ids())
+    inputs = calib_inputs()
+    if len(inputs) != num_layers:
+        raise UpcycleError(f"the calibration run gave FFN inputs of {len(inputs)} layers, not {num_layers}")
     scale = 4.0  # router logits of a few units: top-k picks by direction, softmax weights stay soft
     return [kmeans_rows(x, opts.experts, opts.seed + layer) * scale for layer, x in enumerate(inputs)]
 
 
 def upcycle(dense_dir: str | Path, out_dir: str | Path, opts: UpcycleOptions,
-            calib_ids: Callable[[], list[int]] | None = None) -> Path:
+            calib_inputs: Callable[[], list[torch.Tensor]] | None = None) -> Path:
     """Write the upcycled MoE of the dense checkpoint ``dense_dir`` into ``out_dir``; returns ``out_dir``.
 
-    ``calib_ids`` gives the calibration text's token ids (needed for ``--router kmeans``)."""
+    ``calib_inputs`` gives, per decoder layer, the dense model's FFN inputs ``[N, D]`` on the calibration
+    text (``moeyard.attention.ffn_capture.ffn_inputs``; needed for ``--router kmeans``)."""
     opts.check()
     dense_dir, out = Path(dense_dir), Path(out_dir)
     cfg_path = dense_dir / "config.json"
@@ -156,13 +138,13 @@ def upcycle(dense_dir: str | Path, out_dir: str | Path, opts: UpcycleOptions,
                            f"(supported dense families: {', '.join(TARGET_FAMILY)})")
     if out.exists():
         raise UpcycleError(f"{out} already exists")
-    if opts.router == "kmeans" and calib_ids is None:
+    if opts.router == "kmeans" and calib_inputs is None:
         raise UpcycleError("--router kmeans needs calibration text")
     family = TARGET_FAMILY[dense["model_type"]]
     cfg = moe_config(dense, opts)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.get("torch_dtype") or "float32"]
     num_layers, hidden = int(dense["num_hidden_layers"]), int(dense["hidden_size"])
-    routers = _routers(dense_dir, num_layers, hidden, opts, calib_ids or (lambda: []))
+    routers = _routers(num_layers, hidden, opts, calib_inputs or (lambda: []))
     reader = CheckpointReader(dense_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))

@@ -6,6 +6,9 @@ from __future__ import annotations
 from importlib import metadata
 from pathlib import Path
 
+import torch
+
+from moeyard.attention.ffn_capture import ffn_inputs
 from moeyard.attention.tokenizer import load_tokenizer
 from moeyard.model.upcycle import UpcycleError
 
@@ -28,6 +31,11 @@ def calibration_ids(model_dir: Path, calib: Path | None, max_tokens: int = 2048)
     if len(ids) < MIN_TOKENS:
         raise UpcycleError(f"the calibration text is too short ({len(ids)} tokens; at least {MIN_TOKENS})")
     return ids
+
+
+def calibration_inputs(model_dir: Path, calib: Path | None) -> list[torch.Tensor]:
+    """Per decoder layer, the dense model's FFN inputs on the calibration text (see :func:`calibration_ids`)."""
+    return ffn_inputs(model_dir, calibration_ids(model_dir, calib))
 
 
 def installed_licence_text() -> str:

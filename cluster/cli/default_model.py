@@ -23,7 +23,7 @@ def ensure_default_model(demo_maker, path: Path = DEFAULT_MODEL_DIR) -> Path:
     cannot be fetched."""
     if (path / "config.json").is_file():
         return path
-    from moeyard.cluster.cli.calibration import calibration_ids
+    from moeyard.cluster.cli.calibration import calibration_inputs
     from moeyard.model import smollm2
     from moeyard.model.gguf_checkpoint import cached_checkpoint
     from moeyard.model.upcycle import UpcycleOptions, upcycle
@@ -40,4 +40,4 @@ def ensure_default_model(demo_maker, path: Path = DEFAULT_MODEL_DIR) -> Path:
           file=sys.stderr, flush=True)
     dense = cached_checkpoint(gguf, MOEYARD_HOME / "gguf")
     return upcycle(dense, path, UpcycleOptions(EXPERTS, TOP_K, router="kmeans"),
-                   calib_ids=lambda: calibration_ids(dense, None))
+                   calib_inputs=lambda: calibration_inputs(dense, None))

@@ -44,7 +44,7 @@ def _add_upcycle(sub) -> None:
 
 
 def cmd_upcycle(args) -> int:
-    from moeyard.cluster.cli.calibration import calibration_ids
+    from moeyard.cluster.cli.calibration import calibration_inputs
     from moeyard.cluster.config import MOEYARD_HOME
     from moeyard.model.gguf_checkpoint import GGUFError, cached_checkpoint
     from moeyard.model.upcycle import UpcycleError, UpcycleOptions, upcycle
@@ -55,7 +55,7 @@ def cmd_upcycle(args) -> int:
         dense = args.dense
         if dense.suffix == ".gguf" and dense.is_file():
             dense = cached_checkpoint(dense, MOEYARD_HOME / "gguf")
-        out = upcycle(dense, args.out, opts, calib_ids=lambda: calibration_ids(dense, args.calib))
+        out = upcycle(dense, args.out, opts, calib_inputs=lambda: calibration_inputs(dense, args.calib))
     except (UpcycleError, GGUFError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -56,8 +56,9 @@ from grpc_reflection.v1alpha import reflection
 
 from moeyard.attention.async_engine import EngineFailed, QueueFull
 from moeyard.attention.sequence import RequestError, RequestOutput, SamplingParams
-from moeyard.attention.tokenizer import ChatMessage, IncrementalDetokenizer, TextTokenizer
+from moeyard.attention.tokenizer import IncrementalDetokenizer, TextTokenizer
 from moeyard.cluster.serving.api_auth import HEALTH_SERVICE_NAME, BearerAuthInterceptor
+from moeyard.cluster.serving.api_chat import ChatRefused, chat_prompt
 from moeyard.rpc import (
     API_MAX_MESSAGE_BYTES,
     INFERENCE_SERVICE,
@@ -77,8 +78,6 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
 MAX_REQUEST_ID_CHARS = 128
-MAX_CHAT_MESSAGES = 256
-MAX_ROLE_CHARS = 32
 MIN_TEMPERATURE = 1e-5
 """A temperature in (0, MIN_TEMPERATURE) samples greedily (what sampling tends to as it goes to 0)."""
 MIN_TOP_P = 1e-9
@@ -289,26 +288,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return self.tokenizer
 
     def _chat_text(self, chat: pb.ChatMessages) -> str:
-        """The conversation through the model's chat template (checked first: a bounded request)."""
-        tok = self.tokenizer_or_fail()
-        if not tok.chat_template:
-            raise _InvalidRequest("this model has no chat template: send text or token_ids")
-        msgs = list(chat.messages)
-        if not msgs:
-            raise _InvalidRequest("messages is empty: send at least one message")
-        if len(msgs) > MAX_CHAT_MESSAGES:
-            raise _InvalidRequest(f"messages has {len(msgs)} entries; at most {MAX_CHAT_MESSAGES}")
-        for i, m in enumerate(msgs):
-            if not m.role or len(m.role) > MAX_ROLE_CHARS or not m.role.isprintable():
-                raise _InvalidRequest(f"messages[{i}].role must be 1-{MAX_ROLE_CHARS} printable characters")
-        chars = sum(len(m.content) for m in msgs)
-        max_chars = self.limits.max_text_chars
-        if max_chars is not None and chars > max_chars:
-            raise _InvalidRequest(f"messages hold {chars} characters; they cannot fit the maximum context of "
-                                  f"{self.limits.max_model_len} tokens")
         try:
-            return tok.apply_chat_template([ChatMessage(m.role, m.content) for m in msgs])
-        except RequestError as e:
+            return chat_prompt(self.tokenizer_or_fail(), chat, self.limits.max_text_chars, self.limits.max_model_len)
+        except ChatRefused as e:
             raise _InvalidRequest(str(e)) from None
 
     # -- RPCs ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from moeyard.attention.engine import EngineConfig, LLMEngine
+from moeyard.attention.ffn_capture import ffn_inputs
 from moeyard.attention.sequence import SamplingParams
 from moeyard.model.spec import load_spec
 from moeyard.model.upcycle import UpcycleError, UpcycleOptions, kmeans_rows, upcycle
@@ -50,7 +51,7 @@ def test_copy_upcycled_moe_gives_the_dense_tokens(dense, tmp_path, family, moe_f
 
     ckpt, model = dense[family]
     out = upcycle(ckpt, tmp_path / "moe", UpcycleOptions(experts=5, top_k=2, router=router, seed=3),
-                  calib_ids=lambda: CALIB)
+                  calib_inputs=lambda: ffn_inputs(ckpt, CALIB))
     spec = load_spec(out)
     assert spec.family == moe_family and spec.moe.num_experts == 5 and spec.moe.top_k == 2
     assert spec.num_moe_layers == 3 and spec.moe.intermediate_size == 88
@@ -67,13 +68,11 @@ def test_kmeans_router_rows_are_centroids_of_the_calibration_inputs(dense, tmp_p
 
     ckpt, _ = dense["llama"]
     out = upcycle(ckpt, tmp_path / "moe", UpcycleOptions(experts=4, top_k=1, router="kmeans"),
-                  calib_ids=lambda: CALIB)
+                  calib_inputs=lambda: ffn_inputs(ckpt, CALIB))
     router = load_file(str(out / "model.safetensors"))["model.layers.1.block_sparse_moe.gate.weight"]
     assert router.shape == (4, 48)
     assert torch.allclose(router.norm(dim=1), torch.full((4,), 4.0), atol=1e-4)  # unit centroids x scale
     # the calibration tokens spread over the experts unevenly, as clusters of real inputs do
-    from moeyard.model.upcycle import ffn_inputs
-
     x = torch.nn.functional.normalize(ffn_inputs(ckpt, CALIB)[1], dim=1)
     counts = torch.bincount((x @ router.T).argmax(dim=1), minlength=4)
     assert int(counts.sum()) >= 390 and bool((counts > 0).all())
@@ -97,7 +96,7 @@ def test_kmeans_finds_separated_clusters():
 def test_bad_options_are_named_and_nothing_is_written(dense, tmp_path, opts, message):
     ckpt, _ = dense["llama"]
     with pytest.raises(UpcycleError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        upcycle(ckpt, tmp_path / "moe", opts, calib_ids=lambda: CALIB)
+        upcycle(ckpt, tmp_path / "moe", opts, calib_inputs=lambda: ffn_inputs(ckpt, CALIB))
     assert not list(tmp_path.iterdir())
 
 
@@ -107,7 +106,8 @@ def test_bad_inputs_are_named(dense, tmp_path, hf_models):
     with pytest.raises(UpcycleError, match="model_type 'mixtral' cannot be upcycled"):
         upcycle(moe_ckpt, tmp_path / "a", UpcycleOptions(experts=4, top_k=2))
     with pytest.raises(UpcycleError, match="fewer than --experts = 4"):
-        upcycle(ckpt, tmp_path / "b", UpcycleOptions(experts=4, top_k=2, router="kmeans"), calib_ids=lambda: [5, 6])
+        upcycle(ckpt, tmp_path / "b", UpcycleOptions(experts=4, top_k=2, router="kmeans"),
+                calib_inputs=lambda: ffn_inputs(ckpt, [5, 6]))
     assert not list(tmp_path.iterdir())  # nothing half-written
     (tmp_path / "c").mkdir()
     with pytest.raises(UpcycleError, match="already exists"):

@@ -44,8 +44,9 @@ def test_generate_text_prompt_uses_tokenizer(demo_model, capsys):
                  "--max-new-tokens", "4", "--json"]) == 0
     out = _json_last_line(capsys)
     tok = Tokenizer.from_file(str(demo_model / "tokenizer.json"))
-    assert out["usage"]["prompt_tokens"] == len(tok.encode("the router picks experts",
-                                                           add_special_tokens=False).ids)
+    # the text's tokens, after the BOS token the checkpoint's tokenizer config asks for (add_bos_token)
+    assert out["usage"]["prompt_tokens"] == 1 + len(tok.encode("the router picks experts",
+                                                               add_special_tokens=False).ids)
     assert 1 <= len(out["token_ids"]) <= 4
 
 
