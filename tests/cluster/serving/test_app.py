@@ -107,3 +107,27 @@ def test_api_surface_through_the_cluster(hf_models, ray_serve, tmp_path):
         client.generate_all([5] * 600, max_new_tokens=2)
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "context" in e.value.message
     assert client.generate_all([5, 6, 7], max_new_tokens=3, ignore_eos=True).token_ids  # still serving
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_copy_upcycled_dense_model_serves_the_dense_tokens(family, ray_serve, tmp_path):
+    """Dense Llama / Qwen2 (odd sizes, three layers) upcycled with k-means routers, through the cluster:
+    the dense model's greedy tokens in transformers (fp32), however the experts are spread over shards."""
+    from moeyard.attention.ffn_capture import ffn_inputs
+    from moeyard.model.upcycle import UpcycleOptions, upcycle
+    from tests.conftest import save_hf_model
+
+    dense_dir = tmp_path / "dense"
+    extra = {"layer_types": ["full_attention"] * 3} if family == "qwen2" else {}
+    model = save_hf_model(family, dense_dir, num_hidden_layers=3, intermediate_size=88, hidden_size=48,
+                          num_attention_heads=3, num_key_value_heads=1, **extra)
+    calib = torch.randint(3, 256, (400,), generator=torch.Generator().manual_seed(5)).tolist()
+    moe = upcycle(dense_dir, tmp_path / "moe", UpcycleOptions(experts=5, top_k=2, router="kmeans"),
+                  calib_inputs=lambda: ffn_inputs(dense_dir, calib))
+    prompts = _prompts(256)
+    want = []
+    for p in prompts:
+        with torch.no_grad():
+            want.append(model.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                       eos_token_id=None, pad_token_id=0)[0, len(p):].tolist())
+    assert asyncio.run(_generate_all(_deploy(moe, tmp_path), prompts)) == want
