@@ -1,4 +1,5 @@
-"""The README's flow: `moeyard up --detach`, `moeyard generate --addr`, `moeyard status`, `moeyard down`."""
+"""The README's flow: `moeyard up --detach` (the default model), `moeyard generate` (chat, --addr),
+`moeyard status`, `moeyard down`."""
 
 from __future__ import annotations
 
