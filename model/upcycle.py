@@ -49,8 +49,8 @@ class UpcycleOptions:
     """``float32`` or ``bfloat16`` for the output (default: the dense checkpoint's ``torch_dtype``)."""
 
     def check(self) -> None:
-        if self.mode != "copy":
-            raise UpcycleError(f"--mode {self.mode!r} is not supported (supported: copy)")
+        if self.mode not in ("copy", "split"):
+            raise UpcycleError(f"--mode {self.mode!r} is not supported (supported: copy, split)")
         if self.router not in ("random", "kmeans"):
             raise UpcycleError(f"--router {self.router!r} is not supported (supported: random, kmeans)")
         if not 1 <= self.experts <= MAX_EXPERTS:
@@ -61,10 +61,18 @@ class UpcycleOptions:
             raise UpcycleError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
 
 
+def target_family(dense: dict, opts: UpcycleOptions) -> str:
+    """``copy``: Mixtral for Llama, Qwen2-MoE for Qwen2. ``split``: Qwen2-MoE for both (softmax weights
+    without renormalisation: with a zero router every expert weighs exactly 1/E; a Llama gets zero q/k/v
+    biases, which Qwen2-MoE's attention adds)."""
+    return "qwen2_moe" if opts.mode == "split" else TARGET_FAMILY[dense["model_type"]]
+
+
 def moe_config(dense: dict, opts: UpcycleOptions) -> dict:
-    """The MoE ``config.json`` for a dense ``config.json``: the same attention and sizes, E experts of the
-    dense FFN's width, top-k renormalised softmax routing, an explicit (untied) LM head."""
-    family = TARGET_FAMILY[dense["model_type"]]
+    """The MoE ``config.json`` for a dense ``config.json``: the same attention and sizes, an explicit
+    (untied) LM head; ``copy``: E experts of the dense FFN's width, top-k renormalised softmax routing;
+    ``split``: E experts of 1/E of its width, softmax weights kept as they are."""
+    family = target_family(dense, opts)
     cfg = {k: v for k, v in dense.items() if k not in ("architectures", "model_type", "auto_map")}
     cfg["tie_word_embeddings"] = False
     if opts.dtype:
@@ -76,11 +84,17 @@ def moe_config(dense: dict, opts: UpcycleOptions) -> dict:
         for key in ("mlp_bias", "attention_bias", "pretraining_tp"):
             cfg.pop(key, None)
     else:
+        split = opts.mode == "split"
         cfg.update(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], num_experts=opts.experts,
-                   num_experts_per_tok=opts.top_k, moe_intermediate_size=dense["intermediate_size"],
-                   shared_expert_intermediate_size=0, norm_topk_prob=True, decoder_sparse_step=1,
+                   num_experts_per_tok=opts.top_k,
+                   moe_intermediate_size=dense["intermediate_size"] // opts.experts if split
+                   else dense["intermediate_size"],
+                   shared_expert_intermediate_size=0, norm_topk_prob=not split, decoder_sparse_step=1,
                    mlp_only_layers=[], output_router_logits=False, router_aux_loss_coef=0.0,
                    qkv_bias=True, use_sliding_window=False)
+        if split and dense["model_type"] == "llama":
+            for key in ("mlp_bias", "attention_bias", "pretraining_tp"):
+                cfg.pop(key, None)
     return cfg
 
 
@@ -121,6 +135,39 @@ def _routers(num_layers: int, hidden: int, opts: UpcycleOptions,
     return [kmeans_rows(x, opts.experts, opts.seed + layer) * scale for layer, x in enumerate(inputs)]
 
 
+def split_neurons(acts: torch.Tensor, experts: int, seed: int) -> list[list[int]]:
+    """Partition the ``I`` neurons of ``acts [N, I]`` (a layer's FFN activations on the calibration text)
+    into ``experts`` groups of ``I / experts``, grouping neurons that fire together: spherical k-means on
+    each neuron's activation magnitudes over the tokens, then a balanced assignment (the most similar
+    (neuron, centroid) pairs first, each group filled to its size)."""
+    n_neurons = acts.shape[1]
+    size = n_neurons // experts
+    profiles = acts.abs().T.float()  # [I, N]
+    centroids = kmeans_rows(profiles, experts, seed)
+    sim = torch.nn.functional.normalize(profiles, dim=1) @ centroids.T  # [I, E]
+    order = torch.argsort(sim.reshape(-1), descending=True).tolist()
+    groups: list[list[int]] = [[] for _ in range(experts)]
+    placed = [False] * n_neurons
+    for flat in order:
+        i, e = divmod(flat, experts)
+        if not placed[i] and len(groups[e]) < size:
+            groups[e].append(i)
+            placed[i] = True
+    return [sorted(g) for g in groups]
+
+
+def fitted_router(x: torch.Tensor, acts: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
+    """``[E, D]`` router rows whose logits ``x . w_e`` predict how much expert ``e`` matters to a token (the
+    norm of its neurons' activations), fitted by least squares on the calibration inputs ``x [N, D]``, then
+    scaled so that the logits stay within 0.1: top-k picks by the prediction, and the softmax weights stay
+    within about 10% of 1/E (the experts, scaled by E, then weigh about one each, as in the dense FFN)."""
+    target = torch.stack([acts[:, g].norm(dim=1) for g in groups], dim=1).double()  # [N, E]
+    target = target - target.mean(dim=0)
+    w = torch.linalg.lstsq(x.double(), target).solution.T  # [E, D]
+    peak = float((x.double() @ w.T).abs().max())
+    return (w * (0.1 / peak if peak > 0 else 0.0)).float()
+
+
 def upcycle(dense_dir: str | Path, out_dir: str | Path, opts: UpcycleOptions,
             calib_inputs: Callable[[], list[torch.Tensor]] | None = None) -> Path:
     """Write the upcycled MoE of the dense checkpoint ``dense_dir`` into ``out_dir``; returns ``out_dir``.
@@ -138,13 +185,22 @@ def upcycle(dense_dir: str | Path, out_dir: str | Path, opts: UpcycleOptions,
                            f"(supported dense families: {', '.join(TARGET_FAMILY)})")
     if out.exists():
         raise UpcycleError(f"{out} already exists")
-    if opts.router == "kmeans" and calib_inputs is None:
-        raise UpcycleError("--router kmeans needs calibration text")
-    family = TARGET_FAMILY[dense["model_type"]]
+    if (opts.router == "kmeans" or opts.mode == "split") and calib_inputs is None:
+        raise UpcycleError(f"--{'mode split' if opts.mode == 'split' else 'router kmeans'} needs calibration text")
+    inter = int(dense["intermediate_size"])
+    if opts.mode == "split" and inter % opts.experts:
+        raise UpcycleError(f"--mode split: --experts {opts.experts} does not divide the FFN width {inter}")
+    family = target_family(dense, opts)
     cfg = moe_config(dense, opts)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.get("torch_dtype") or "float32"]
     num_layers, hidden = int(dense["num_hidden_layers"]), int(dense["hidden_size"])
-    routers = _routers(num_layers, hidden, opts, calib_inputs or (lambda: []))
+    if opts.mode == "split":
+        inputs = calib_inputs()
+        if len(inputs) != num_layers:
+            raise UpcycleError(f"the calibration run gave FFN inputs of {len(inputs)} layers, not {num_layers}")
+        routers = None
+    else:
+        routers = _routers(num_layers, hidden, opts, calib_inputs or (lambda: []))
     reader = CheckpointReader(dense_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
@@ -160,10 +216,30 @@ def upcycle(dense_dir: str | Path, out_dir: str | Path, opts: UpcycleOptions,
         for layer in range(num_layers):
             dn = dense_mlp_names(layer)
             gate, up, down = (reader.get(n, dtype=dtype).contiguous() for n in (dn.gate, dn.up, dn.down))
-            for e in range(opts.experts):
-                en = expert_names(family, layer, e)
-                tensors[en.gate], tensors[en.up], tensors[en.down] = gate.clone(), up.clone(), down.clone()
-            tensors[router_weight_name(family, layer)] = routers[layer].to(dtype).contiguous()
+            if opts.mode == "split":
+                x = inputs[layer].float()
+                acts = torch.nn.functional.silu(x @ gate.float().T) * (x @ up.float().T)
+                groups = split_neurons(acts, opts.experts, opts.seed + layer)
+                router = (torch.zeros(opts.experts, hidden) if opts.top_k == opts.experts
+                          else fitted_router(x, acts, groups))
+                for e, idx in enumerate(groups):  # down x E: a softmax weight of 1/E gives the dense sum
+                    en = expert_names(family, layer, e)
+                    tensors[en.gate], tensors[en.up] = gate[idx].contiguous(), up[idx].contiguous()
+                    tensors[en.down] = (down[:, idx] * opts.experts).contiguous()
+            else:
+                router = routers[layer]
+                for e in range(opts.experts):
+                    en = expert_names(family, layer, e)
+                    tensors[en.gate], tensors[en.up], tensors[en.down] = gate.clone(), up.clone(), down.clone()
+            tensors[router_weight_name(family, layer)] = router.to(dtype).contiguous()
+            if family == "qwen2_moe" and dense["model_type"] == "llama":  # Qwen2-MoE's attention adds biases
+                p = f"{layer_prefix(layer)}.self_attn"
+                heads, kv = int(dense["num_attention_heads"]), int(dense.get("num_key_value_heads", 0) or 0)
+                kv = kv or heads
+                hd = int(dense.get("head_dim") or hidden // heads)
+                tensors[f"{p}.q_proj.bias"] = torch.zeros(heads * hd, dtype=dtype)
+                tensors[f"{p}.k_proj.bias"] = torch.zeros(kv * hd, dtype=dtype)
+                tensors[f"{p}.v_proj.bias"] = torch.zeros(kv * hd, dtype=dtype)
             if family == "qwen2_moe":  # no shared expert: a zero-width one, its gate at zero
                 p = f"{layer_prefix(layer)}.mlp"
                 tensors[f"{p}.shared_expert.gate_proj.weight"] = torch.zeros(0, hidden, dtype=dtype)

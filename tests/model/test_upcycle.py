@@ -7,6 +7,7 @@ MoE, give the dense model's greedy tokens (fp32)."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -90,7 +91,7 @@ def test_kmeans_finds_separated_clusters():
 @pytest.mark.parametrize("opts, message", [
     (UpcycleOptions(experts=0, top_k=1), "--experts must be in"),
     (UpcycleOptions(experts=4, top_k=5), "--top-k must be in [1, --experts = 4]"),
-    (UpcycleOptions(experts=4, top_k=2, mode="split"), "--mode 'split' is not supported"),
+    (UpcycleOptions(experts=4, top_k=2, mode="shuffle"), "--mode 'shuffle' is not supported"),
     (UpcycleOptions(experts=4, top_k=2, router="hash"), "--router 'hash' is not supported"),
 ])
 def test_bad_options_are_named_and_nothing_is_written(dense, tmp_path, opts, message):
@@ -124,3 +125,75 @@ def test_upcycle_cli(dense, tmp_path):
     r = subprocess.run([str(exe), "upcycle", "--dense", str(ckpt), "--out", str(tmp_path / "bad"), "--experts", "3",
                         "--top-k", "4"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--top-k must be in [1, --experts = 3], got 4" in r.stderr
+
+
+# -- split (MoEfication / DS-MoE): the FFN's neurons partitioned into experts ------------------------------
+
+@pytest.fixture(scope="module")
+def dense96(tmp_path_factory):
+    """Dense checkpoints whose FFN width (96) splits into 4 experts of 24 (strides of 16 bytes for
+    transformers' grouped GEMM)."""
+    out = {}
+    for family in ("llama", "qwen2"):
+        d = tmp_path_factory.mktemp(f"dense96_{family}")
+        extra = {"layer_types": ["full_attention"] * 3} if family == "qwen2" else {}
+        out[family] = (d, save_hf_model(family, d, num_hidden_layers=3, intermediate_size=96, hidden_size=48,
+                                        num_attention_heads=3, num_key_value_heads=1, **extra))
+    return out
+
+
+def _nll(model, ids: list[int]) -> float:
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].float()
+    return float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_split_with_every_expert_active_gives_the_dense_tokens(dense96, tmp_path, family):
+    import transformers
+
+    ckpt, model = dense96[family]
+    out = upcycle(ckpt, tmp_path / "moe", UpcycleOptions(experts=4, top_k=4, mode="split"),
+                  calib_inputs=lambda: ffn_inputs(ckpt, CALIB))
+    spec = load_spec(out)
+    assert spec.family == "qwen2_moe" and spec.moe.intermediate_size == 24 and spec.moe.num_experts == 4
+    want = [_hf_greedy(model, p) for p in PROMPTS]
+    assert LLMEngine(out, EngineConfig(dtype="float32")).generate(
+        PROMPTS, SamplingParams(max_tokens=NEW, ignore_eos=True)) == want
+    moe = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert [_hf_greedy(moe, p) for p in PROMPTS] == want
+
+
+def test_split_partitions_the_neurons_and_sparse_top_k_runs(dense96, tmp_path, capsys):
+    import transformers
+    from safetensors.torch import load_file
+
+    ckpt, model = dense96["llama"]
+    held_out = torch.randint(3, 256, (200,), generator=torch.Generator().manual_seed(9)).tolist()
+    dense_nll = _nll(model, held_out)
+    nll = {}
+    for k in (4, 2, 1):
+        out = upcycle(ckpt, tmp_path / f"k{k}", UpcycleOptions(experts=4, top_k=k, mode="split"),
+                      calib_inputs=lambda: ffn_inputs(ckpt, CALIB))
+        nll[k] = _nll(transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), held_out)
+        assert LLMEngine(out, EngineConfig(dtype="float32")).generate(
+            PROMPTS[:1], SamplingParams(max_tokens=4, ignore_eos=True))  # the sparse MoE serves
+    # the experts of a layer are the dense FFN's neurons, each once, in equal groups
+    tensors = load_file(str(tmp_path / "k2" / "model.safetensors"))
+    gate = torch.cat([tensors[f"model.layers.1.mlp.experts.{e}.gate_proj.weight"] for e in range(4)])
+    dense_gate = load_file(str(ckpt / "model.safetensors"))["model.layers.1.mlp.gate_proj.weight"]
+    assert gate.shape == dense_gate.shape
+    assert sorted(map(tuple, gate.tolist())) == sorted(map(tuple, dense_gate.tolist()))
+    assert abs(nll[4] - dense_nll) < 1e-4 * max(1.0, dense_nll)  # every expert active: the dense model
+    assert all(math.isfinite(v) for v in nll.values())  # how much k < E costs is reported, not asserted
+    print(f"dense nll {dense_nll:.4f}; split top-4 {nll[4]:.4f}, top-2 {nll[2]:.4f}, top-1 {nll[1]:.4f}")
+
+
+def test_split_needs_experts_that_divide_the_ffn(dense96, tmp_path):
+    ckpt, _ = dense96["llama"]
+    with pytest.raises(UpcycleError, match="--experts 5 does not divide the FFN width 96"):
+        upcycle(ckpt, tmp_path / "a", UpcycleOptions(experts=5, top_k=5, mode="split"),
+                calib_inputs=lambda: ffn_inputs(ckpt, CALIB))
+    with pytest.raises(UpcycleError, match="--mode split needs calibration text"):
+        upcycle(ckpt, tmp_path / "b", UpcycleOptions(experts=4, top_k=4, mode="split"))
+    assert not list(tmp_path.iterdir())
