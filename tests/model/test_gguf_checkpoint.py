@@ -212,3 +212,26 @@ def test_not_a_gguf_and_an_existing_output_are_refused(llama_gguf, tmp_path):
         GGUFCheckpoint(junk)
     with pytest.raises(GGUFError, match="already exists"):
         convert_gguf(path, out)
+
+
+def test_an_unsupported_block_type_is_named(tmp_path):
+    """A tensor in Q8_1 blocks (which the gguf package cannot dequantise): a clear error naming the tensor and
+    the type, and nothing written."""
+    path = tmp_path / "q81.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, value in ((w.add_block_count, 1), (w.add_context_length, 64), (w.add_embedding_length, 32),
+                       (w.add_feed_forward_length, 64), (w.add_head_count, 2), (w.add_head_count_kv, 1)):
+        add(value)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b", "c"])
+    w.add_token_merges([])
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_1]
+    w.add_tensor("token_embd.weight", np.zeros((3, 32 // block * size), dtype=np.uint8),
+                 raw_dtype=gguf.GGMLQuantizationType.Q8_1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(GGUFError, match="tensor token_embd.weight has block type .*Q8_1.*cannot be dequantised"):
+        convert_gguf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

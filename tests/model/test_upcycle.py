@@ -79,6 +79,13 @@ def test_kmeans_router_rows_are_centroids_of_the_calibration_inputs(dense, tmp_p
     assert int(counts.sum()) >= 390 and bool((counts > 0).all())
 
 
+def test_upcycle_shows_progress_on_request(dense, tmp_path, capfd):
+    ckpt, _ = dense["llama"]
+    upcycle(ckpt, tmp_path / "moe", UpcycleOptions(experts=2, top_k=1), progress=True)
+    out, err = capfd.readouterr()
+    assert "upcycling" in err and "3/3" in err and out == ""
+
+
 def test_kmeans_finds_separated_clusters():
     g = torch.Generator().manual_seed(0)
     dirs = torch.nn.functional.normalize(torch.randn(3, 16, generator=g), dim=1)

