@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
+from moeyard.attention.attn_meta import AttnMeta
 from moeyard.attention.block_manager import BlockManager
 from moeyard.attention.kv_cache import KVCache, bytes_per_block
-from moeyard.attention.layers import AttnMeta
 from moeyard.attention.model_runner import ModelRunner
 from moeyard.attention.overlap import OverlapMode, OverlapTuner, OverlapTunerConfig
 from moeyard.attention.sampler import sample
@@ -60,6 +60,10 @@ class EngineConfig:
     overlap_mode: OverlapMode = "adaptive"
     """With ``overlap``: ``adaptive`` splits a step only where measured splits ran faster
     (:mod:`moeyard.attention.overlap`); ``always`` splits every step of two sequences or more."""
+    attention_backend: str = "auto"
+    """The paged-attention kernel (:mod:`moeyard.attention.paged`): ``auto`` (Triton on CUDA where it is
+    installed, else ``paged``), ``paged`` (torch, tile by tile through the block tables), ``triton``,
+    or ``gather`` (the reference: whole contexts gathered, MLA expanded)."""
     expert_restart_wait_s: float = 0.0
     """With a remote transport: how long a step waits for a dead shard to come back when
     some expert it held has no other copy (0: fail the requests routed to it at once)."""
@@ -114,7 +118,8 @@ class LLMEngine:
             dispatcher = ExpertDispatcher(self.placement, transport, restart_wait_s=config.expert_restart_wait_s)
             router = MoERouter(gate_cfg, gates, dispatcher)
         self.router = router
-        self.runner = ModelRunner(spec, weights, self.cache, router, self.dtype, self.max_model_len, self.device)
+        self.runner = ModelRunner(spec, weights, self.cache, router, self.dtype, self.max_model_len, self.device,
+                                  config.attention_backend)
         self.overlap_tuner = OverlapTuner(OverlapTunerConfig(config.overlap_mode)) if config.overlap else None
         self.tokenizer: TextTokenizer | None = load_tokenizer(model_dir)
         self._seqs: dict[str, Sequence] = {}

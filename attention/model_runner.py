@@ -3,10 +3,14 @@ shared experts and the LM head; routed experts go through the router."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from moeyard.attention.attn_meta import AttnMeta
 from moeyard.attention.kv_cache import KVCache
-from moeyard.attention.layers import AttnMeta, gqa_attention, mla_attention, rms_norm
+from moeyard.attention.layers import gqa_attention, mla_attention, rms_norm
+from moeyard.attention.paged import resolve_attention
 from moeyard.attention.rope import RotaryEmbedding
 from moeyard.attention.weights import AttentionModelWeights, FFNWeights
 from moeyard.model.ffn import linear_rows, swiglu
@@ -22,7 +26,7 @@ def _mlp(x: torch.Tensor, w: FFNWeights) -> torch.Tensor:
 class ModelRunner:
     def __init__(self, spec: ModelSpec, weights: AttentionModelWeights, cache: KVCache,
                  router: MoERouter | None, dtype: torch.dtype, max_positions: int,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", attention_backend: str = "auto"):
         self.spec = spec
         self.w = weights
         self.cache = cache
@@ -30,7 +34,10 @@ class ModelRunner:
         self.dtype = dtype
         rot_dim = spec.mla.qk_rope_head_dim if spec.mla else spec.head_dim
         self.rope = RotaryEmbedding(spec.rope, rot_dim, max_positions, dtype, device)
-        self._attn = mla_attention if spec.mla else gqa_attention
+        attend, absorb = resolve_attention(attention_backend, device)
+        self.attend = attend
+        self._attn = (functools.partial(mla_attention, attend=attend, absorb=absorb) if spec.mla
+                      else functools.partial(gqa_attention, attend=attend))
         self._moe_index = {layer: i for i, layer in enumerate(spec.moe_layers)}
 
     def _submit_ffn(self, layer: int, x: torch.Tensor):

@@ -54,6 +54,8 @@ class MLAWeights:
     kv_a_norm: torch.Tensor            # [kv_lora]
     kv_b: torch.Tensor                 # [H*(nope+v), kv_lora]
     o: torch.Tensor                    # [D, H*v]
+    kv_b_k: torch.Tensor | None = None  # [H, nope, kv_lora]: kv_b's key rows per head (absorbed into the query)
+    kv_b_v: torch.Tensor | None = None  # [H, kv_lora, v]: kv_b's value rows per head, transposed (absorbed into o)
     q_a_bias: torch.Tensor | None = None
     kv_a_bias: torch.Tensor | None = None
     o_bias: torch.Tensor | None = None
@@ -138,11 +140,15 @@ def _mla(reader: _OnDevice, spec: ModelSpec, layer: int, dtype) -> MLAWeights:
     else:
         q_proj = reader.get(f"{p}.q_proj.weight", (h * m.qk_head_dim, d), dtype)
         q_a = q_a_norm = q_b = None
+    kv_b = reader.get(f"{p}.kv_b_proj.weight", (h * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank), dtype)
+    per_head = kv_b.view(h, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
     return MLAWeights(
         q_proj=q_proj, q_a=q_a, q_a_norm=q_a_norm, q_b=q_b,
         kv_a=reader.get(f"{p}.kv_a_proj_with_mqa.weight", (m.kv_lora_rank + m.qk_rope_head_dim, d), dtype),
         kv_a_norm=reader.get(f"{p}.kv_a_layernorm.weight", (m.kv_lora_rank,), dtype),
-        kv_b=reader.get(f"{p}.kv_b_proj.weight", (h * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank), dtype),
+        kv_b=kv_b,
+        kv_b_k=per_head[:, :m.qk_nope_head_dim].contiguous(),
+        kv_b_v=per_head[:, m.qk_nope_head_dim:].transpose(1, 2).contiguous(),
         o=reader.get(f"{p}.o_proj.weight", (d, h * m.v_head_dim), dtype),
         q_a_bias=reader.get(f"{p}.q_a_proj.bias", (m.q_lora_rank,), dtype) if bias and m.q_lora_rank else None,
         kv_a_bias=reader.get(f"{p}.kv_a_proj_with_mqa.bias", (m.kv_lora_rank + m.qk_rope_head_dim,), dtype)

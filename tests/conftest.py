@@ -6,6 +6,9 @@ import os
 
 # Ray 2.60 reads its auth mode when it is imported: token auth on, as in production.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# Triton kernels run in Triton's CPU interpreter here (no GPU in CI). Triton reads this when it is first
+# imported (transformers may import it early), so it is set before anything else is.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch

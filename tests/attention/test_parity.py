@@ -63,3 +63,31 @@ def test_overlap_microbatches_match_transformers(family, hf_models):
     ours = engine.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS))
     for prompt, got in zip(prompts, ours):
         assert got == _hf_greedy(model, prompt, NEW_TOKENS), f"{family}: prompt of {len(prompt)} tokens"
+
+
+@pytest.fixture
+def backend_config(request, monkeypatch):
+    """``gather``: the reference kernels (MLA expanded); ``paged_tiles``: the torch kernel one block per
+    tile (its online softmax at every step); ``triton``: the Triton kernel in Triton's CPU interpreter."""
+    name = request.param
+    if name == "paged_tiles":
+        from moeyard.attention import paged
+        monkeypatch.setattr(paged, "TILE_BYTES", 1)
+        return "paged"
+    if name == "triton":
+        pytest.importorskip("triton")  # a test extra, installed in CI (in its interpreter: tests/conftest.py)
+    return name
+
+
+@pytest.mark.parametrize("backend_config", ["gather", "paged_tiles", "triton"], indirect=True)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_attention_backend_matches_transformers(family, backend_config, hf_models):
+    """Chunked prefills mixed with decodes, prompts of different lengths, on every kernel (and MLA
+    both absorbed and, with ``gather``, expanded)."""
+    ckpt, model = hf_models(family)
+    engine = LLMEngine(ckpt, EngineConfig(dtype="float32", block_size=4, max_num_batched_tokens=24,
+                                          num_blocks=128, attention_backend=backend_config))
+    prompts = _prompts(engine.spec.vocab_size, seed=3)
+    ours = engine.generate(prompts, SamplingParams(max_tokens=12))
+    for prompt, got in zip(prompts, ours):
+        assert got == _hf_greedy(model, prompt, 12), f"{family}/{backend_config}: prompt of {len(prompt)} tokens"
