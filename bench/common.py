@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -46,3 +47,59 @@ def timed(fn, repeats: int) -> tuple[float, list[float]]:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
+
+
+def machine_info() -> dict:
+    """Python, torch, the CPU model and its vector ISA flags (and the GPU, if any): printed with every result."""
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or None,
+            "cuda": torch.version.cuda}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")),
+                           info["cpu"])
+        flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+        info["isa"] = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return info
+
+
+def device_sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn, device: torch.device, repeats: int) -> tuple[float, float, float]:
+    """(median, min, max) milliseconds of ``fn()`` after a warm-up, the device synchronised around each."""
+    fn()
+    device_sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        device_sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), min(times), max(times)
+
+
+def peak_cpu_bytes(fn) -> int:
+    """Peak bytes allocated on the CPU while ``fn()`` runs, above what was allocated before it: torch's
+    profiler records every allocation and free, replayed here in time order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = []
+    for e in prof.events():
+        delta = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        if delta:
+            events.append((e.time_range.start, delta))
+    cur = peak = 0
+    for _, delta in sorted(events):
+        cur += delta
+        peak = max(peak, cur)
+    return peak

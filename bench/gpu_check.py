@@ -1,4 +1,4 @@
-"""The one check for a lent GPU: ``python -m bench.gpu_check [--device cuda|cpu] [--quick] [--stages a,b,e]``.
+"""The one check for a lent GPU: ``python -m bench.gpu_check [--device cuda|cpu] [--quick] [--stages a,b,c,e]``.
 
 Stages (each with its own time limit, all of them together within 5 minutes):
 
@@ -7,6 +7,9 @@ Stages (each with its own time limit, all of them together within 5 minutes):
   its fp32 logits; host syncs per MoE layer in a decode step (CUDA only: ``set_sync_debug_mode``).
 * ``b``: one DeepSeek-V3-shaped shard layer (D 7168, I 2048, 32 slots) at 256 to 8192 routed tokens:
   the grouped GEMM against the per-slot loop, time and TFLOP/s against the card's bf16 peak.
+* ``c``: decode of 2-layer Mixtral-8x7B- and DeepSeek-V3-shaped slices in-process at batch 1 to 256: ms
+  per step against the HBM floor, KV-cache bytes per token, one attention call per kernel
+  (:mod:`bench.gpu_decode`).
 * ``e``: host <-> device copy bandwidth from pinned and from pageable host memory.
 
 ``--quick`` runs the same stages at toy sizes (CI runs ``--device cpu --quick``, so the script cannot
@@ -20,9 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -33,9 +34,11 @@ from pathlib import Path
 import torch
 
 import moeyard.source_tree  # noqa: F401  (the sub-packages from a bare tree: a GPU box)
+from bench.common import machine_info, median_ms
+from bench.gpu_decode import stage_c
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "llama", "qwen2"]
-STAGE_LIMITS_S = {"a": 150, "b": 90, "e": 45}
+STAGE_LIMITS_S = {"a": 110, "b": 60, "c": 90, "e": 25}
 """Each stage's time limit; 285 s together, inside the 5 minutes a device session plans for."""
 H200_BF16_PEAK_TFLOPS = 790.0
 """Dense bf16 matmul throughput measured on an H200 (the device tool's notes)."""
@@ -58,24 +61,6 @@ def time_limit(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_ms(fn, device: torch.device, repeats: int) -> tuple[float, float, float]:
-    """(median, min, max) milliseconds of ``fn()`` after a warm-up."""
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), min(times), max(times)
 
 
 # -- stage a: every family on the device --------------------------------------------------------------
@@ -201,11 +186,11 @@ def stage_b(device: torch.device, quick: bool) -> dict:
         rows = list(range(slots))
         x = torch.randn(n, hidden, generator=g, dtype=torch.float32).to(device, dtype)
         flops = 6 * n * hidden * inter  # gate+up (2I) and down (I), 2 FLOPs per multiply-add
-        loop_ms = _median_ms(lambda: grouped_swiglu(x, counts, w13, w2, rows), device, repeats)
+        loop_ms = median_ms(lambda: grouped_swiglu(x, counts, w13, w2, rows), device, repeats)
         run = {"tokens": n, "loop_ms": [round(v, 3) for v in loop_ms],
                "loop_tflops": round(flops / loop_ms[0] / 1e9, 2)}
         if grouped:
-            gemm_ms = _median_ms(lambda: grouped_swiglu_gemm(x, counts, w13, w2, rows), device, repeats)
+            gemm_ms = median_ms(lambda: grouped_swiglu_gemm(x, counts, w13, w2, rows), device, repeats)
             want = grouped_swiglu(x, counts, w13, w2, rows).float()
             got = grouped_swiglu_gemm(x, counts, w13, w2, rows).float()
             run.update(gemm_ms=[round(v, 3) for v in gemm_ms], gemm_tflops=round(flops / gemm_ms[0] / 1e9, 2),
@@ -228,39 +213,21 @@ def stage_e(device: torch.device, quick: bool) -> dict:
     if device.type != "cuda":
         src = torch.empty(nbytes, dtype=torch.uint8, device="cpu")
         dst = torch.empty_like(src)
-        ms = _median_ms(lambda: dst.copy_(src), device, repeats)
+        ms = median_ms(lambda: dst.copy_(src), device, repeats)
         out.update(ok=True, pinned=None, host_to_host_gbs=round(nbytes / ms[0] / 1e6, 2),
                    why="pinned memory and device copies need CUDA")
         return out
     dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
     for kind, pin in (("pageable", False), ("pinned", True)):
         host = torch.empty(nbytes, dtype=torch.uint8, device="cpu", pin_memory=pin)
-        h2d = _median_ms(lambda: dev.copy_(host, non_blocking=pin), device, repeats)
-        d2h = _median_ms(lambda: host.copy_(dev, non_blocking=pin), device, repeats)
+        h2d = median_ms(lambda: dev.copy_(host, non_blocking=pin), device, repeats)
+        d2h = median_ms(lambda: host.copy_(dev, non_blocking=pin), device, repeats)
         out[kind] = {"h2d_gbs": round(nbytes / h2d[0] / 1e6, 2), "d2h_gbs": round(nbytes / d2h[0] / 1e6, 2)}
     out["ok"] = out["pinned"]["h2d_gbs"] > 0 and out["pageable"]["h2d_gbs"] > 0
     return out
 
 
-STAGES = {"a": stage_a, "b": stage_b, "e": stage_e}
-
-
-def machine() -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or None,
-            "cuda": torch.version.cuda}
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")),
-                           info["cpu"])
-        flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
-        info["isa"] = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-    return info
+STAGES = {"a": stage_a, "b": stage_b, "c": stage_c, "e": stage_e}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: this machine has no CUDA GPU")
     device = torch.device(args.device)
-    report = {"device": str(device), "quick": args.quick, "machine": machine(), "stages": {}}
+    report = {"device": str(device), "quick": args.quick, "machine": machine_info(), "stages": {}}
     for name in stages:
         t0 = time.perf_counter()
         try:

@@ -20,7 +20,7 @@ def test_gpu_check_runs_on_the_cpu_at_toy_sizes(tmp_path):
                        timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["ok"] and set(report["stages"]) == {"a", "b", "e"}
+    assert report["ok"] and set(report["stages"]) == {"a", "b", "c", "e"}
     families = report["stages"]["a"]["families"]
     assert len(families) == 8
     for family, f in families.items():
@@ -29,6 +29,15 @@ def test_gpu_check_runs_on_the_cpu_at_toy_sizes(tmp_path):
     runs = report["stages"]["b"]["runs"]
     assert [run["tokens"] for run in runs] == [64, 256]
     assert all(run["loop_ms"][0] > 0 and run["rel_err"] < 2e-2 for run in runs)
+    slices = report["stages"]["c"]["slices"]
+    assert set(slices) == {"mixtral_8x7b_2l", "deepseek_v3_2l"}
+    for name, sl in slices.items():
+        assert [r["batch"] for r in sl["runs"]] == [1, 4, 16], name
+        assert all(r["step_ms"][0] > 0 and r["floor_ms"] > 0 and r["bytes"]["experts"] > 0 for r in sl["runs"])
+        assert set(sl["attention_ms"]) == {"paged", "gather"}   # triton: CUDA only
+    ds = slices["deepseek_v3_2l"]
+    # MLA's cache: latent 64 + rope 16 per token (bf16), not 4 heads x (48 + 32) expanded
+    assert ds["kv_bytes_per_token_per_layer"] == 160 and ds["kv_bytes_per_token_per_layer_expanded"] == 640
     assert report["stages"]["e"]["host_to_host_gbs"] > 0
     assert report["machine"]["torch"] == torch.__version__
 
