@@ -37,6 +37,10 @@ class EngineSettings(BaseModel):
     max_waiting: int = Field(256, ge=0, description="admission queue bound; beyond it RESOURCE_EXHAUSTED")
     max_new_tokens_limit: int = Field(4096, ge=1)
     enable_prefix_caching: bool = True
+    attention_backend: Literal["auto", "paged", "triton", "gather"] = Field(
+        "auto", description="paged-attention kernel (attention/paged.py): 'auto' = Triton on CUDA where it is "
+                            "installed, else 'paged' (torch, tile by tile through the block tables); 'gather' is "
+                            "the reference (whole contexts gathered, MLA expanded)")
 
 
 class RayResources(BaseModel):

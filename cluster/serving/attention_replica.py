@@ -54,7 +54,8 @@ class AttentionReplica:
             dtype=c.dtype, device=c.device, block_size=e.block_size, kv_cache_bytes=e.kv_cache_mib << 20,
             max_num_seqs=e.max_num_seqs,
             max_num_batched_tokens=e.max_num_batched_tokens, max_model_len=e.max_model_len,
-            enable_prefix_caching=e.enable_prefix_caching, overlap=c.overlap, overlap_mode=c.overlap_mode,
+            enable_prefix_caching=e.enable_prefix_caching, attention_backend=e.attention_backend,
+            overlap=c.overlap, overlap_mode=c.overlap_mode,
             expert_restart_wait_s=c.shard_restart_wait_s),
             transport=self.transport, placement=placement)
         self.engine = AsyncEngine(engine, max_waiting=e.max_waiting)
