@@ -67,6 +67,12 @@ def _row_positions(meta: AttnMeta, g: int) -> torch.Tensor:
     return meta.qpos.view(b, 1, qn, 1).expand(b, 1, qn, g).reshape(b, 1, qn * g, 1)
 
 
+def _tile(blocks: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``blocks [NB, bs, ...]`` rows ``ids [B, nb]`` -> ``[B * nb, bs, ...]``: ``index_select`` copies whole
+    block rows (several times faster on CPUs than advanced indexing's per-element gather)."""
+    return blocks.index_select(0, ids.reshape(-1))
+
+
 def tile_blocks(meta: AttnMeta, kv: int, dq: int, dv: int, rows: int, itemsize: int, tile_bytes: int) -> int:
     """Blocks per tile: as many as keep the tile's keys and values ``[B, n, KV, dq + dv]`` (``dv = 0``
     where the values are the keys' columns) and its fp32 scores and probabilities ``[B, KV, rows, n]``
@@ -101,8 +107,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     for j0 in range(0, n_blocks, step):
         ids = meta.block_tables[:, j0:j0 + step]           # [B, nb]
         n = ids.shape[1] * bs
-        kt = kblocks[ids].view(b, n, kv, dq)               # the tile: the only copy of the cache
-        vt = kt[..., :v_dim] if vblocks is None else vblocks[ids].view(b, n, kv, -1)
+        kt = _tile(kblocks, ids).view(b, n, kv, dq)        # the tile: the only copy of the cache
+        vt = kt[..., :v_dim] if vblocks is None else _tile(vblocks, ids).view(b, n, kv, -1)
         s = torch.matmul(qg, kt.permute(0, 2, 3, 1)).float() * scale      # [B, KV, R, n]
         kpos = kpos_all[:n] + j0 * bs
         s = s.masked_fill((kpos > qrow) | (kpos >= ctx), float("-inf"))
@@ -150,9 +156,9 @@ def _paged_flash_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     for j0 in range(0, n_blocks, step):
         ids = meta.block_tables[:, j0:j0 + step]
         n = ids.shape[1] * bs
-        kt = kblocks[ids].view(b, n, kv, dq).transpose(1, 2)            # [B, KV, n, dq]
+        kt = _tile(kblocks, ids).view(b, n, kv, dq).transpose(1, 2)     # [B, KV, n, dq]
         # the kernel wants one head size: MLA's values (the latent columns) ride along as the whole row
-        vt = kt if vblocks is None else vblocks[ids].view(b, n, kv, -1).transpose(1, 2)
+        vt = kt if vblocks is None else _tile(vblocks, ids).view(b, n, kv, -1).transpose(1, 2)
         kpos = torch.arange(j0 * bs, j0 * bs + n, device=q.device)
         allowed = (kpos <= qpos) & (kpos < ctx)                          # [B, 1, Q, n]
         bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
