@@ -7,6 +7,8 @@ and the engine's decode with each.
   head 64), batch 32, one new token per sequence at contexts 128, 1024 and 4096, bf16 and fp32:
   ``paged`` (tile by tile through the block tables) against ``gather`` (each sequence's whole context
   copied, masked densely: the engine's path before the paged kernels).
+* ``prefill``: the same kernels on prefill chunks (a 512- and a 2048-token prompt, four 256-token chunks
+  with 768 tokens of history), bf16 and fp32.
 * ``mla``: one DeepSeek-V2-Lite-shaped attention layer (D 2048, 16 heads, latent 512 + rope 64,
   nope 128, v 128; projections included), batch 32, context 1024, fp32: absorbed (attention in the
   latent space) against expanded (the reference), time and the call's peak allocation.
@@ -82,6 +84,32 @@ def part_kernel(repeats: int) -> list[dict]:
     return rows
 
 
+def part_prefill(repeats: int) -> list[dict]:
+    from moeyard.attention.attn_meta import AttnMeta
+    from moeyard.attention.paged import gather_attention, paged_attention
+
+    rows = []
+    h, kv, hd = 16, 4, 64
+    for dtype in (torch.bfloat16, torch.float32):
+        for q_len, context, batch in ((512, 512, 1), (2048, 2048, 1), (256, 1024, 4)):
+            per_seq = -(-context // 16)
+            tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(batch)]
+            meta = AttnMeta.build([q_len] * batch, [context] * batch, tables, 16)
+            q = torch.randn(batch * q_len, h, hd).to(dtype)
+            k = torch.randn((batch * per_seq + 1) * 16, kv, hd).to(dtype)
+            v = torch.randn_like(k)
+            fns = {"paged": lambda: paged_attention(q, k, v, meta, hd ** -0.5, hd),
+                   "gather": lambda: gather_attention(q, k, v, meta, hd ** -0.5, hd)}
+            t = _interleaved(fns, repeats, inner=1)
+            rows.append({"dtype": str(dtype).removeprefix("torch."), "q_len": q_len, "context": context,
+                         "batch": batch, "paged_ms": t["paged"], "gather_ms": t["gather"],
+                         "gather_over_paged": statistics.median(t["gather"]) / statistics.median(t["paged"])})
+            print(f"prefill {rows[-1]['dtype']:>8} {batch} x {q_len} of {context}: paged {_summary(t['paged'])} "
+                  f"ms, gather {_summary(t['gather'])} ms, gather/paged {rows[-1]['gather_over_paged']:.2f}x",
+                  flush=True)
+    return rows
+
+
 def part_mla(repeats: int) -> dict:
     from bench.gpu_decode import DEEPSEEK_V3, _meta, build_slice
     from moeyard.attention.layers import mla_attention
@@ -144,14 +172,14 @@ def part_engine(repeats: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_attention")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--parts", default="kernel,mla,engine")
+    ap.add_argument("--parts", default="kernel,prefill,mla,engine")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     info = machine_info()
     print(f"{info['cpu']} | {' '.join(info.get('isa', []))} | torch {info['torch']} | {args.threads} threads",
           flush=True)
-    parts = {"kernel": part_kernel, "mla": part_mla, "engine": part_engine}
+    parts = {"kernel": part_kernel, "prefill": part_prefill, "mla": part_mla, "engine": part_engine}
     report = {"machine": info, "threads": args.threads}
     for name in args.parts.split(","):
         report[name] = parts[name](args.repeats)
