@@ -27,8 +27,11 @@ class OutputSinkStats:
     deltas: int
     """Request deltas passed on to their streams."""
     dropped: int
-    """Deltas for a request whose stream had already ended (or was never open here)."""
+    """Deltas for a key that was never open here, or with a negative offset."""
     api_address: str | None
+    late: int = 0
+    """Deltas that arrived after their request had ended: its last item, which lists every output
+    token, came on the Serve call first (harmless: the tokens were already delivered)."""
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, health_check_period_s=2,
@@ -79,7 +82,7 @@ class ApiIngress:
         if sink is None:
             return None
         return OutputSinkStats(sink.address, sink.batches, sink.deltas, sink.dropped,
-                               self.server.address if self.server is not None else None)
+                               self.server.address if self.server is not None else None, late=sink.late)
 
     async def dashboard_address(self) -> str | None:
         """The dashboard's URL (``http://host:port/``), None when it is off."""

@@ -32,6 +32,7 @@ import hmac
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -97,7 +98,9 @@ class OutputSink:
         self.address: str | None = None
         self.batches = 0
         self.deltas = 0
+        self.late = 0
         self.dropped = 0
+        self._closed: OrderedDict[str, None] = OrderedDict()   # recently closed keys (bounded)
 
     async def start(self) -> str:
         handler = grpc.stream_unary_rpc_method_handler(self._deliver, request_deserializer=_parse,
@@ -128,8 +131,14 @@ class OutputSink:
         self._queues[key] = q
         return key, q
 
+    CLOSED_KEYS_KEPT = 4096
+    """How many recently closed keys are remembered, to tell a late delta from a stray one."""
+
     def close(self, key: str) -> None:
-        self._queues.pop(key, None)
+        if self._queues.pop(key, None) is not None:
+            self._closed[key] = None
+            while len(self._closed) > self.CLOSED_KEYS_KEPT:
+                self._closed.popitem(last=False)
 
     async def stop(self, grace: float | None = None) -> None:
         if self._server is not None:
@@ -148,6 +157,10 @@ class OutputSink:
             self.batches += 1
             for d in batch.deltas:
                 q = self._queues.get(d.key)
+                if q is None and d.key in self._closed:
+                    # the request's last item (which lists every token) came on the Serve call first
+                    self.late += 1
+                    continue
                 if q is None or d.offset < 0:
                     self.dropped += 1
                     continue

@@ -240,12 +240,18 @@ def test_sink_refuses_malformed_messages_and_keeps_serving():
                                         [b"\xff\xff\xff"])
             reply = await asyncio.to_thread(_raw_stream, sink.address, ((SECRET_HEADER, sink.secret),),
                                             [good.SerializeToString()])
+            # a delta for a request that has ended is late, not dropped
+            sink.close(key)
+            late = pb.OutputBatch(deltas=[pb.TokenDelta(key=key, offset=2, token_ids=[10])])
+            await asyncio.to_thread(_raw_stream, sink.address, ((SECRET_HEADER, sink.secret),),
+                                    [late.SerializeToString()])
         finally:
             await sink.stop(0)
-        return e.value, reply, q.get_nowait(), sink.dropped
-    err, reply, delta, dropped = asyncio.run(go())
+        return e.value, reply, q.get_nowait(), sink.dropped, sink.late
+    err, reply, delta, dropped, late = asyncio.run(go())
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "OutputBatch" in err.details()
     assert reply.batches == 1 and delta.offset == 0 and delta.token_ids == [7, 8] and dropped == 1
+    assert late == 1
 
 
 def test_pusher_sends_one_message_per_loop_turn():
