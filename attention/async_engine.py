@@ -38,6 +38,8 @@ class EngineStats:
     waiting: int
     kv_cache_usage: float
     num_blocks: int
+    steps: int = 0
+    """Model steps run so far."""
 
 
 def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
@@ -160,7 +162,7 @@ class AsyncEngine:
         with self._engine_lock:
             s = self.engine.scheduler
             return EngineStats(len(s.running), len(s.waiting), self.engine.blocks.usage(),
-                               self.engine.blocks.num_blocks)
+                               self.engine.blocks.num_blocks, self.engine.num_steps)
 
     def shutdown(self) -> None:
         with self._wake:

@@ -123,6 +123,8 @@ class LLMEngine:
         self.overlap_tuner = OverlapTuner(OverlapTunerConfig(config.overlap_mode)) if config.overlap else None
         self.tokenizer: TextTokenizer | None = load_tokenizer(model_dir)
         self._seqs: dict[str, Sequence] = {}
+        self.num_steps = 0
+        """Model steps run (each one forward over every MoE layer, in one or two micro-batches)."""
         self._arrival = itertools.count()
         self._eos = set(spec.eos_token_ids)
 
@@ -243,6 +245,7 @@ class LLMEngine:
                 logits = self.runner.forward_microbatches(mbs)
         except ExpertsUnavailable as e:
             return self._fail_unroutable(e, groups)
+        self.num_steps += 1
         if tuner is not None:
             tuner.observe(num_tokens, len(pairs), len(groups) > 1, time.perf_counter() - t0)
         for seq, n in zip(batch.seqs, batch.num_new):

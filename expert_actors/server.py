@@ -45,7 +45,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from moeyard.expert_actors.slots import ExpertSlots, SlotFull, SlotNotHeld
-from moeyard.expert_actors.wire import dtype_name, tensor_from_proto, tensor_to_proto
+from moeyard.expert_actors.wire import dtype_name, rows_from_bytes, tensor_from_proto, tensor_to_proto
 from moeyard.model.checkpoint import CheckpointError, CheckpointReader
 from moeyard.model.devices import resolve_device
 from moeyard.model.dtypes import resolve_dtype
@@ -54,6 +54,7 @@ from moeyard.model.weight_names import expert_names
 from moeyard.rpc import (
     EXPERT_MAX_MESSAGE_BYTES,
     EXPERT_SERVICE,
+    EXPERT_WIRE_VERSION,
     MalformedMessage,
     advertised_host,
     grpc_options,
@@ -223,8 +224,11 @@ class ExpertServer:
         return self.slots.unload_layers(by_layer)
 
     def compute(self, moe_layer: int, slot_ids: list[int], counts: list[int], x: torch.Tensor,
-                epoch: int, experts: list[int]) -> tuple[torch.Tensor, float]:
+                epoch: int, experts: list[int], token_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """Validate and run one grouped FFN; returns (``[N, D]`` in ``x``'s dtype, compute seconds).
+
+        ``x [U, D]`` holds each token once and ``token_rows [N]`` (already range-checked) names the row of
+        ``x`` of each (token, expert) row in slot order; without it ``x`` is those ``N`` rows.
 
         ``experts[i]`` is the logical expert the router expects in ``slot_ids[i]`` (its placement's
         ``phy2log``); a slot that holds another one answers NOT_FOUND (the router's epoch is stale).
@@ -249,8 +253,10 @@ class ExpertServer:
         d = self.spec.hidden_size
         if x.dim() != 2 or x.shape[1] != d:
             raise RequestError(bad, f"hidden must have shape [N, {d}], got {list(x.shape)}")
-        if sum(counts) != x.shape[0]:
-            raise RequestError(bad, f"counts sum to {sum(counts)} but hidden has {x.shape[0]} rows")
+        n_rows = x.shape[0] if token_rows is None else token_rows.shape[0]
+        if sum(counts) != n_rows:
+            what = "hidden has" if token_rows is None else "token_rows names"
+            raise RequestError(bad, f"counts sum to {sum(counts)} but {what} {n_rows} rows")
         with self._compute_lock:
             table = self.slots.table(moe_layer)  # one snapshot for the lookup and the FFN
             try:
@@ -258,6 +264,8 @@ class ExpertServer:
             except SlotNotHeld as e:
                 raise RequestError(grpc.StatusCode.NOT_FOUND, self._not_held_message(e, epoch)) from None
             t0 = time.perf_counter()
+            if token_rows is not None:
+                x = x.to(self.slots.device).index_select(0, token_rows.to(self.slots.device))
             if x.shape[0] == 0:
                 out = torch.empty(0, d, dtype=x.dtype, device=self.slots.device)
             else:
@@ -360,11 +368,22 @@ class _Servicer(pb_grpc.ExpertServiceServicer):
 
     def Compute(self, request, context):
         def run():
+            if request.wire_version != EXPERT_WIRE_VERSION:
+                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"ComputeRequest of wire format version {request.wire_version}: this shard "
+                                   f"speaks version {EXPERT_WIRE_VERSION} (upgrade routers and shards together)")
             if not request.HasField("hidden"):
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "hidden is missing")
             x = tensor_from_proto(request.hidden)
-            out, dt = self.s.compute(request.moe_layer, list(request.slot_ids), list(request.counts), x,
-                                     request.epoch, list(request.experts))
+            counts = list(request.counts)
+            rows = None
+            if request.token_rows:
+                try:
+                    rows = rows_from_bytes(request.token_rows, sum(counts), x.shape[0] if x.dim() else 0)
+                except ValueError as e:
+                    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            out, dt = self.s.compute(request.moe_layer, list(request.slot_ids), counts, x,
+                                     request.epoch, list(request.experts), token_rows=rows)
             resp = pb.ComputeResponse(compute_seconds=dt, shard_id=self.s.shard_id)
             tensor_to_proto(out, out=resp.output)
             return resp

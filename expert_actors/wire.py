@@ -106,6 +106,28 @@ def tensor_from_proto(msg: pb.Tensor, copy: bool = False) -> torch.Tensor:
     return tensor_from_bytes(msg.dtype, msg.shape, msg.data, copy)
 
 
+def rows_to_bytes(rows: torch.Tensor) -> bytes:
+    """``ComputeRequest.token_rows``: ``rows [N]`` as little-endian int32 bytes."""
+    flat = rows.detach().reshape(-1).to(device="cpu", dtype=torch.int32)
+    return flat.numpy().tobytes() if flat.numel() else b""
+
+
+def rows_from_bytes(data: bytes, num_rows: int, num_hidden: int) -> torch.Tensor:
+    """Decode ``ComputeRequest.token_rows`` (``[N]`` int64 on the host). ValueError when the bytes are not
+    ``num_rows`` int32 values or one is outside ``[0, num_hidden)``."""
+    if len(data) != 4 * num_rows:
+        raise ValueError(f"token_rows has {len(data)} bytes; {num_rows} rows need {4 * num_rows} "
+                         "(one little-endian int32 each)")
+    if num_rows == 0:
+        return torch.empty(0, dtype=torch.int64)
+    _spend_frombuffer_warning()
+    rows = torch.frombuffer(data, dtype=torch.int32).to(torch.int64)
+    lo, hi = int(rows.min()), int(rows.max())
+    if lo < 0 or hi >= num_hidden:
+        raise ValueError(f"token_rows names row {lo if lo < 0 else hi} of hidden, which has {num_hidden} rows")
+    return rows
+
+
 def status_to_dict(resp: pb.StatusResponse) -> dict:
     """A Status reply in the shape of :meth:`ExpertServer.status`."""
     return dict(shard_id=resp.shard_id, address=resp.address, pid=resp.pid, dtype=resp.dtype,

@@ -26,6 +26,9 @@ API_MAX_MESSAGE_BYTES = 64 << 20
 
 # -- the expert protocol (moeyard.v1.ExpertService): the router's transport and the shards ---
 EXPERT_SERVICE = "moeyard.v1.ExpertService"
+EXPERT_WIRE_VERSION = 2
+"""``ComputeRequest.wire_version``: 2 sends each token once per shard (``hidden`` the distinct tokens,
+``token_rows`` naming one per (token, expert) row); a shard refuses any other version by name."""
 EXPERT_MAX_MESSAGE_BYTES = 256 << 20
 """Send/receive limit on both ends: the largest batch (e.g. 2048 tokens x top-8 x 7168 x fp32 = 470 MB
 would not fit; 2048 x 2 x 7168 x 4 = 117 MB does). Raise it with ``max_message_bytes`` if needed."""

@@ -37,31 +37,45 @@ class DispatchPlan:
 
 def plan_dispatch(hidden: torch.Tensor, ids: torch.Tensor, placement: Placement,
                   moe_layer: int, turn: int = 0) -> tuple[DispatchPlan, list[ShardBatch]]:
-    """Group the assignments of one MoE layer by shard.
+    """Group the assignments of one MoE layer by shard, each token once per shard.
 
     Args:
         hidden: ``[T, D]`` tokens after the post-attention norm.
         ids: ``[T, A]`` logical experts chosen by the gate.
         turn: rotates which copy of a replicated expert comes first (``Placement.choose_slots``).
-    Returns the plan (to combine later) and one batch per involved shard.
+    Returns the plan (to combine later) and one batch per involved shard: its distinct tokens
+    ``[U_s, D]`` (ascending token order) and, per (token, expert) row in slot order, the row of those.
 
-    Everything runs on ``hidden``'s device; the per-slot token counts come to the host once (the
-    layer's one host sync: the batches' slot lists are host data).
+    Everything runs on ``hidden``'s device; the per-slot row counts and the per-shard distinct-token
+    counts come to the host together (the layer's one host sync: the batches' slot lists are host data).
     """
     t, a = ids.shape
+    dev = hidden.device
     slots = placement.choose_slots(moe_layer, ids, turn)
-    flat = slots.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    x = hidden[order // a]
-    per_slot = torch.zeros(placement.num_slots, dtype=torch.int64, device=flat.device)
+    flat = slots.reshape(-1)                                   # [T*A]
+    order = torch.argsort(flat, stable=True)                   # (token, expert) rows in slot order
+    sps, num_shards = placement.slots_per_shard, placement.num_shards
+    per_slot = torch.zeros(placement.num_slots, dtype=torch.int64, device=dev)
     per_slot.index_add_(0, flat, torch.ones_like(flat))
-    per_slot_l = per_slot.tolist()
+    # which (shard, token) pairs occur: [num_shards, T]; its running count numbers them shard-major
+    pair = (flat // sps) * t + torch.arange(t * a, device=dev) // a
+    seen = torch.zeros(num_shards * t, dtype=torch.int64, device=dev)
+    seen[pair] = 1
+    per_shard = seen.view(num_shards, t).sum(1)
+    host = torch.cat([per_slot, per_shard]).tolist()           # the one host sync
+    per_slot_l, per_shard_l = host[:placement.num_slots], host[placement.num_slots:]
+    numbered = torch.cumsum(seen, 0) - 1                       # index of each (shard, token) among all pairs
+    distinct = torch.nonzero_static(seen, size=sum(per_shard_l)).squeeze(1) % t   # [sum U_s] tokens
+    x = hidden.index_select(0, distinct)
+    global_row = numbered[pair[order]]                         # [N] rows of x, in slot order
     uniq_l = [p for p, n in enumerate(per_slot_l) if n]
     counts_l = [per_slot_l[p] for p in uniq_l]
     # the logical expert each chosen slot holds in this placement: the shard checks it
     held = placement.phy2log_rows()[moe_layer]
     experts_l = [held[p] for p in uniq_l]
-    sps = placement.slots_per_shard
+    shard_start = [0] * (num_shards + 1)
+    for s_ in range(num_shards):
+        shard_start[s_ + 1] = shard_start[s_] + per_shard_l[s_]
     batches: list[ShardBatch] = []
     start = i = 0
     while i < len(uniq_l):
@@ -71,7 +85,9 @@ def plan_dispatch(hidden: torch.Tensor, ids: torch.Tensor, placement: Placement,
         while j < len(uniq_l) and uniq_l[j] // sps == shard:
             n += counts_l[j]
             j += 1
-        batches.append(ShardBatch(shard, uniq_l[i:j], counts_l[i:j], x[start:start + n], experts_l[i:j]))
+        u0, u1 = shard_start[shard], shard_start[shard + 1]
+        batches.append(ShardBatch(shard, uniq_l[i:j], counts_l[i:j], x[u0:u1], experts_l[i:j],
+                                  token_rows=global_row[start:start + n] - u0))
         start += n
         i = j
     return DispatchPlan(t, a, order, slots), batches

@@ -33,19 +33,41 @@ diverge after a few steps). The default sends each hidden in its own dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
 
 import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from moeyard.expert_actors.wire import dtype_name, status_to_dict, tensor_from_proto, tensor_to_proto
+from moeyard.expert_actors.wire import dtype_name, rows_to_bytes, status_to_dict, tensor_from_proto, tensor_to_proto
 from moeyard.router_service.transport import ShardBatch, ShardUnavailable, StalePlacement
-from moeyard.rpc import EXPERT_MAX_MESSAGE_BYTES, grpc_options
+from moeyard.rpc import EXPERT_MAX_MESSAGE_BYTES, EXPERT_WIRE_VERSION, grpc_options
 from moeyard.v1 import expert_pb2 as pb
 from moeyard.v1 import expert_pb2_grpc as pb_grpc
+
+
+@dataclass(frozen=True)
+class WireStats:
+    """What :meth:`GrpcTransport.submit` has sent since the transport was made (monotonic counters).
+
+    ``hidden_bytes``: hidden states, each token once per shard; ``index_bytes``: the ``token_rows``
+    naming a row per (token, expert); ``per_assignment_bytes``: what the hidden states would have
+    cost sent once per (token, expert), as before wire version 2."""
+
+    calls: int = 0
+    layers: int = 0
+    hidden_bytes: int = 0
+    index_bytes: int = 0
+    per_assignment_bytes: int = 0
+
+    @property
+    def sent_bytes(self) -> int:
+        return self.hidden_bytes + self.index_bytes
+
 
 UNAVAILABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                                grpc.StatusCode.CANCELLED})
@@ -123,6 +145,22 @@ class GrpcTransport:
         self._resolved: dict[int, str] = {}
         self._channels: dict[int, tuple[grpc.Channel, pb_grpc.ExpertServiceStub, object]] = {}
         self._closed = False
+        self._stats = WireStats()
+
+    def wire_stats(self) -> WireStats:
+        """Bytes sent so far (:class:`WireStats`)."""
+        with self._lock:
+            return self._stats
+
+    def _count(self, hidden: list[torch.Tensor], batches: Sequence[ShardBatch], index_bytes: int) -> None:
+        d_bytes = [h.shape[1] * (self.wire_dtype or h.dtype).itemsize for h in hidden]
+        with self._lock:
+            st = self._stats
+            self._stats = dataclasses.replace(
+                st, calls=st.calls + len(batches), layers=st.layers + 1,
+                hidden_bytes=st.hidden_bytes + sum(h.shape[0] * d for h, d in zip(hidden, d_bytes)),
+                index_bytes=st.index_bytes + index_bytes,
+                per_assignment_bytes=st.per_assignment_bytes + sum(b.num_rows * d for b, d in zip(batches, d_bytes)))
 
     # -- channels ----------------------------------------------------------------
     def address(self, shard: int) -> str:
@@ -202,6 +240,8 @@ class GrpcTransport:
             result.set_result([])
             return result
         hidden = _on_host([b.hidden for b in batches], self.wire_dtype)
+        token_rows = [b"" if b.token_rows is None else rows_to_bytes(b.token_rows) for b in batches]
+        self._count(hidden, batches, sum(len(r) for r in token_rows))
         outs: list[torch.Tensor | None] = [None] * n
         left = [n]
         lock = threading.Lock()
@@ -221,10 +261,11 @@ class GrpcTransport:
             try:
                 resp = call.result()
                 y = tensor_from_proto(resp.output)
-                if tuple(y.shape) != tuple(b.hidden.shape):
+                want = (b.num_rows, b.hidden.shape[1])
+                if tuple(y.shape) != want:
                     raise ShardCallError(b.shard, grpc.StatusCode.INTERNAL,
-                                         f"answered shape {list(y.shape)} for a batch of shape "
-                                         f"{list(b.hidden.shape)}")
+                                         f"answered shape {list(y.shape)} for {want[0]} (token, expert) rows "
+                                         f"of width {want[1]}")
                 if y.dtype != b.hidden.dtype:
                     y = y.to(b.hidden.dtype)
             except grpc.RpcError as e:
@@ -251,7 +292,8 @@ class GrpcTransport:
             try:
                 stub = self._stub(b.shard)
                 req = pb.ComputeRequest(moe_layer=moe_layer, epoch=epoch, slot_ids=b.slot_ids, counts=b.counts,
-                                        experts=b.experts)
+                                        experts=b.experts, wire_version=EXPERT_WIRE_VERSION,
+                                        token_rows=token_rows[i])
                 tensor_to_proto(hidden[i], self.wire_dtype, out=req.hidden)
                 call = stub.Compute.future(req, timeout=self.timeout_s)
             except ShardUnavailable as e:

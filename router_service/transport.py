@@ -56,10 +56,11 @@ class StalePlacement(ShardUnavailable):
 class ShardBatch:
     """Tokens for one shard in one MoE layer, grouped by slot.
 
-    ``slot_ids [S']`` ascending global slot ids, ``counts [S']`` rows per slot,
-    ``hidden [N, D]`` rows sorted by slot, ``experts [S']`` the logical expert
-    the router expects in each slot (its placement's ``phy2log``; the shard
-    refuses a slot that holds another one).
+    ``slot_ids [S']`` ascending global slot ids, ``counts [S']`` (token, expert) rows per slot (``N`` in
+    all), ``hidden [U, D]`` the distinct tokens, each once however many of its experts the shard holds,
+    ``token_rows [N]`` the row of ``hidden`` of each (token, expert) row in slot order (``None``:
+    ``hidden`` is those ``N`` rows), ``experts [S']`` the logical expert the router expects in each
+    slot (its placement's ``phy2log``; the shard refuses a slot that holds another one).
     """
 
     shard: int
@@ -67,11 +68,21 @@ class ShardBatch:
     counts: list[int]
     hidden: torch.Tensor
     experts: list[int]
+    token_rows: torch.Tensor | None = None
 
     def __post_init__(self):
         if len(self.experts) != len(self.slot_ids):
             raise ValueError(f"ShardBatch.experts has {len(self.experts)} entries but slot_ids has "
                              f"{len(self.slot_ids)}")
+
+    @property
+    def num_rows(self) -> int:
+        """``N``: the (token, expert) rows, one output row each."""
+        return sum(self.counts)
+
+    def rows(self) -> torch.Tensor:
+        """``[N, D]``: the hidden state of each (token, expert) row, in slot order."""
+        return self.hidden if self.token_rows is None else self.hidden.index_select(0, self.token_rows)
 
 
 class ExpertTransport(Protocol):
@@ -115,7 +126,7 @@ class InProcessTransport:
     def submit(self, moe_layer: int, batches: Sequence[ShardBatch], epoch: int) -> "Future[list[torch.Tensor]]":
         fut: Future[list[torch.Tensor]] = Future()
         try:
-            fut.set_result([self.shards[b.shard].compute(moe_layer, b.slot_ids, b.counts, b.hidden,
+            fut.set_result([self.shards[b.shard].compute(moe_layer, b.slot_ids, b.counts, b.rows(),
                                                           b.experts)
                             for b in batches])
         except Exception as e:  # surfaced to the caller through the future

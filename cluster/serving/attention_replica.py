@@ -102,6 +102,8 @@ class AttentionReplica:
         f = self.flusher.stats() if self.flusher is not None else None
         self.metrics.engine_state(s.running, s.waiting, s.kv_cache_usage, self._epoch(),
                                   f.flushes_failed if f else 0, f.tokens_dropped if f else 0)
+        if self.transport is not None:
+            self.metrics.wire(self.transport.wire_stats(), s.steps)
 
     def _summary(self) -> dict:
         s = self.engine.stats()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from moeyard.router_service.grpc_transport import WireStats
 from moeyard.router_service.load_recorder import LoadSnapshot
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -99,6 +100,18 @@ class ReplicaMetrics:
         self.expert_tokens_by_expert = Counter(
             "moeyard:expert_tokens_by_expert", "(token, expert) rows routed to each logical expert",
             ["layer", "expert"], registry=r) if per_expert else None
+        self.steps = Counter("moeyard:engine_steps", "Model steps run", registry=r)
+        self.wire_bytes = Counter(
+            "moeyard:expert_wire_bytes", "Bytes sent to the expert shards: hidden states (each token once per "
+            "shard) and the index naming a row per (token, expert)", ["part"], registry=r)
+        self.wire_bytes_per_assignment = Counter(
+            "moeyard:expert_wire_bytes_per_assignment", "What the hidden states would have cost sent once per "
+            "(token, expert) row (wire format 1), for comparison", registry=r)
+        self.wire_bytes_per_step = Gauge(
+            "moeyard:expert_wire_bytes_per_step", "Bytes sent to the shards per model step since the previous "
+            "publish", registry=r)
+        for part in ("hidden", "index"):
+            self.wire_bytes.labels(part=part)
         for reason in FINISH_REASONS:  # every series exists from the start (rate() needs a zero)
             self.success.labels(finished_reason=reason)
         for reason in FAILURE_REASONS:
@@ -111,6 +124,7 @@ class ReplicaMetrics:
         self._failed = 0
         self._created = time.monotonic()
         self._flush_seen = (0, 0)  # (flushes_failed, tokens_dropped) already counted
+        self._wire_seen = (WireStats(), 0)  # (wire stats, steps) already counted
 
     # -- request path ------------------------------------------------------------------------
     def tokens(self, timer: RequestTimer, n: int, now: float | None = None) -> None:
@@ -178,6 +192,18 @@ class ReplicaMetrics:
             self.flush_failures.inc(flushes_failed - seen_f)
         if tokens_dropped > seen_d:
             self.tokens_dropped.inc(tokens_dropped - seen_d)
+
+    def wire(self, stats: WireStats, steps: int) -> None:
+        """Add what the transport sent since the previous call (its counters are cumulative)."""
+        with self._lock:
+            seen, seen_steps = self._wire_seen
+            self._wire_seen = (stats, steps)
+        self.steps.inc(max(0, steps - seen_steps))
+        self.wire_bytes.labels(part="hidden").inc(max(0, stats.hidden_bytes - seen.hidden_bytes))
+        self.wire_bytes.labels(part="index").inc(max(0, stats.index_bytes - seen.index_bytes))
+        self.wire_bytes_per_assignment.inc(max(0, stats.per_assignment_bytes - seen.per_assignment_bytes))
+        if steps > seen_steps:
+            self.wire_bytes_per_step.set((stats.sent_bytes - seen.sent_bytes) / (steps - seen_steps))
 
     def summary(self, now: float | None = None) -> dict:
         """Recent figures for the dashboard: tokens/s and TTFT/ITL p50/p99 over ``recent_s``."""

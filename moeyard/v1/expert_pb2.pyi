@@ -17,20 +17,24 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ComputeRequest(_message.Message):
-    __slots__ = ("moe_layer", "epoch", "slot_ids", "counts", "hidden", "experts")
+    __slots__ = ("moe_layer", "epoch", "slot_ids", "counts", "hidden", "experts", "wire_version", "token_rows")
     MOE_LAYER_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SLOT_IDS_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    WIRE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ROWS_FIELD_NUMBER: _ClassVar[int]
     moe_layer: int
     epoch: int
     slot_ids: _containers.RepeatedScalarFieldContainer[int]
     counts: _containers.RepeatedScalarFieldContainer[int]
     hidden: Tensor
     experts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, moe_layer: _Optional[int] = ..., epoch: _Optional[int] = ..., slot_ids: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., experts: _Optional[_Iterable[int]] = ...) -> None: ...
+    wire_version: int
+    token_rows: bytes
+    def __init__(self, moe_layer: _Optional[int] = ..., epoch: _Optional[int] = ..., slot_ids: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., experts: _Optional[_Iterable[int]] = ..., wire_version: _Optional[int] = ..., token_rows: _Optional[bytes] = ...) -> None: ...
 
 class ComputeResponse(_message.Message):
     __slots__ = ("output", "compute_seconds", "shard_id")

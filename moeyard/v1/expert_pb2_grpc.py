@@ -33,10 +33,11 @@ class ExpertServiceStub:
     e.g. "slot 5 of MoE layer 2 holds expert(s) [3], not 7 (router placement
     epoch 4 is stale)".
     - INVALID_ARGUMENT for a malformed request (tensor bytes vs shape/dtype,
-    counts vs rows, slot_ids vs counts, experts vs slot_ids (one expert per
+    counts vs rows, token_rows out of range or not 4 bytes each, slot_ids vs counts, experts vs slot_ids (one expert per
     slot), moe_layer or expert out of range, negative slot).
-    - FAILED_PRECONDITION when the checkpoint lacks a tensor, or when a staged
-    load would put a third expert into a slot.
+    - FAILED_PRECONDITION for a ComputeRequest of another wire_version, when the
+    checkpoint lacks a tensor, or when a staged load would put a third expert
+    into a slot.
     - INTERNAL otherwise.
     The server also answers grpc.health.v1.Health (SERVING once loaded).
 
@@ -82,10 +83,11 @@ class ExpertServiceServicer:
     e.g. "slot 5 of MoE layer 2 holds expert(s) [3], not 7 (router placement
     epoch 4 is stale)".
     - INVALID_ARGUMENT for a malformed request (tensor bytes vs shape/dtype,
-    counts vs rows, slot_ids vs counts, experts vs slot_ids (one expert per
+    counts vs rows, token_rows out of range or not 4 bytes each, slot_ids vs counts, experts vs slot_ids (one expert per
     slot), moe_layer or expert out of range, negative slot).
-    - FAILED_PRECONDITION when the checkpoint lacks a tensor, or when a staged
-    load would put a third expert into a slot.
+    - FAILED_PRECONDITION for a ComputeRequest of another wire_version, when the
+    checkpoint lacks a tensor, or when a staged load would put a third expert
+    into a slot.
     - INTERNAL otherwise.
     The server also answers grpc.health.v1.Health (SERVING once loaded).
 
@@ -165,10 +167,11 @@ class ExpertService:
     e.g. "slot 5 of MoE layer 2 holds expert(s) [3], not 7 (router placement
     epoch 4 is stale)".
     - INVALID_ARGUMENT for a malformed request (tensor bytes vs shape/dtype,
-    counts vs rows, slot_ids vs counts, experts vs slot_ids (one expert per
+    counts vs rows, token_rows out of range or not 4 bytes each, slot_ids vs counts, experts vs slot_ids (one expert per
     slot), moe_layer or expert out of range, negative slot).
-    - FAILED_PRECONDITION when the checkpoint lacks a tensor, or when a staged
-    load would put a third expert into a slot.
+    - FAILED_PRECONDITION for a ComputeRequest of another wire_version, when the
+    checkpoint lacks a tensor, or when a staged load would put a third expert
+    into a slot.
     - INTERNAL otherwise.
     The server also answers grpc.health.v1.Health (SERVING once loaded).
 

@@ -40,9 +40,14 @@ from moeyard.model.checkpoint import CheckpointReader
 from moeyard.model.ffn import grouped_swiglu
 from moeyard.model.spec import load_spec
 from moeyard.model.weight_names import expert_names
-from moeyard.rpc import EXPERT_SERVICE
+from moeyard.rpc import EXPERT_SERVICE, EXPERT_WIRE_VERSION
 from moeyard.v1 import expert_pb2 as pb
 from moeyard.v1 import expert_pb2_grpc as pb_grpc
+
+
+def compute_request(**fields) -> pb.ComputeRequest:
+    """A ComputeRequest of the current wire format version."""
+    return pb.ComputeRequest(wire_version=EXPERT_WIRE_VERSION, **fields)
 
 E = 8
 D = 64  # hidden size of the tiny Mixtral
@@ -50,6 +55,7 @@ MAX_MESSAGE = 1 << 20
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 OK = grpc.StatusCode.OK
+PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +99,22 @@ def _x(rows: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(rows, D, generator=torch.Generator().manual_seed(seed))
 
 
+def _with(req: pb.ComputeRequest, **fields) -> pb.ComputeRequest:
+    for k, v in fields.items():
+        setattr(req, k, v)
+    return req
+
+
+def _rows(rows: list[int]) -> bytes:
+    return torch.tensor(rows, dtype=torch.int32).numpy().tobytes()
+
+
 def _request(x: torch.Tensor | None = None, *, slot_ids=(1,), counts=(4,), experts=None, moe_layer=0, epoch=0,
              dtype: str | None = None, shape=None, data: bytes | None = None) -> pb.ComputeRequest:
     """A Compute request: a real ``x`` by default, or a hand-made tensor (dtype, shape, bytes); ``experts``
     defaults to what the slots hold here (slot ``s`` holds expert ``s``)."""
     experts = [s if 0 <= s < E else 0 for s in slot_ids] if experts is None else experts
-    req = pb.ComputeRequest(moe_layer=moe_layer, epoch=epoch, slot_ids=slot_ids, counts=counts, experts=experts)
+    req = compute_request(moe_layer=moe_layer, epoch=epoch, slot_ids=slot_ids, counts=counts, experts=experts)
     if dtype is None and shape is None and data is None:
         tensor_to_proto(_x(sum(counts)) if x is None else x, out=req.hidden)
     else:
@@ -191,9 +207,22 @@ CASES = [
          "is too large"),
     Case("zero-rows-huge-width", lambda: _request(shape=[0, 2**62], data=b"", counts=[0]), INVALID,
          f"hidden must have shape [N, 64], got [0, {2**62}]"),
-    Case("hidden-missing", lambda: pb.ComputeRequest(moe_layer=0, slot_ids=[1], counts=[4]), INVALID,
+    Case("hidden-missing", lambda: compute_request(moe_layer=0, slot_ids=[1], counts=[4]), INVALID,
          "hidden is missing"),
-    Case("empty-request", lambda: b"", INVALID, "hidden is missing"),
+    # an empty message is wire version 0 (as is every sender from before versioning)
+    Case("empty-request", lambda: b"", PRECONDITION,
+         f"ComputeRequest of wire format version 0: this shard speaks version {EXPERT_WIRE_VERSION}"),
+    Case("other-wire-version", lambda: _with(_request(), wire_version=EXPERT_WIRE_VERSION + 1), PRECONDITION,
+         f"wire format version {EXPERT_WIRE_VERSION + 1}: this shard speaks version {EXPERT_WIRE_VERSION}"),
+    # -- token_rows (each token once, a row index per (token, expert)) --------------------------------
+    Case("token-rows-odd-bytes", lambda: _with(_request(), token_rows=b"\0" * 15), INVALID,
+         "token_rows has 15 bytes; 4 rows need 16"),
+    Case("token-rows-too-few", lambda: _with(_request(counts=(4,)), token_rows=_rows([0, 1, 2])), INVALID,
+         "token_rows has 12 bytes; 4 rows need 16"),
+    Case("token-rows-out-of-range", lambda: _with(_request(), token_rows=_rows([0, 1, 2, 4])), INVALID,
+         "token_rows names row 4 of hidden, which has 4 rows"),
+    Case("token-rows-negative", lambda: _with(_request(), token_rows=_rows([0, -1, 2, 3])), INVALID,
+         "token_rows names row -1 of hidden"),
     # -- slots, experts, epochs ----------------------------------------------------------------------
     Case("slot-negative", lambda: _request(slot_ids=[-1]), INVALID, "slot id -1 is negative"),
     Case("slot-int64-min", lambda: _request(slot_ids=[3, -2**63], counts=[2, 2]), INVALID,

@@ -20,9 +20,14 @@ from moeyard.router_service.dispatch import plan_dispatch
 from moeyard.router_service.grpc_transport import GrpcTransport, ShardCallError
 from moeyard.router_service.placement import Placement
 from moeyard.router_service.transport import InProcessTransport, StalePlacement
-from moeyard.rpc import EXPERT_MAX_MESSAGE_BYTES, EXPERT_SERVICE, grpc_options
+from moeyard.rpc import EXPERT_MAX_MESSAGE_BYTES, EXPERT_SERVICE, EXPERT_WIRE_VERSION, grpc_options
 from moeyard.v1 import expert_pb2 as pb
 from moeyard.v1 import expert_pb2_grpc as pb_grpc
+
+
+def compute_request(**fields) -> pb.ComputeRequest:
+    """A ComputeRequest of the current wire format version."""
+    return pb.ComputeRequest(wire_version=EXPERT_WIRE_VERSION, **fields)
 
 E = 8
 
@@ -58,7 +63,7 @@ def _batches(spec, placement, moe_layer, t=13, seed=0, dtype=torch.float32):
 
 def _valid_request(spec, slot=0, rows=4, moe_layer=0, expert=None):
     """A Compute request for one slot; slot ``s < E`` holds expert ``s`` here."""
-    req = pb.ComputeRequest(moe_layer=moe_layer, epoch=0, slot_ids=[slot], counts=[rows],
+    req = compute_request(moe_layer=moe_layer, epoch=0, slot_ids=[slot], counts=[rows],
                             experts=[slot if expert is None else expert])
     tensor_to_proto(torch.randn(rows, spec.hidden_size), out=req.hidden)
     return req
@@ -146,7 +151,7 @@ def test_load_and_unload_slots(setup):
     x = torch.randn(6, spec.hidden_size, generator=torch.Generator().manual_seed(3))
     outs = []
     for slot in (20, 5):
-        req = pb.ComputeRequest(moe_layer=1, epoch=1, slot_ids=[slot], counts=[6], experts=[5])
+        req = compute_request(moe_layer=1, epoch=1, slot_ids=[slot], counts=[6], experts=[5])
         tensor_to_proto(x, out=req.hidden)
         outs.append(stub.Compute(req, timeout=30))
     assert outs[0].output.data == outs[1].output.data
@@ -168,7 +173,7 @@ def _compute(spec, **fields):
     dtype, shape, nbytes = fields.pop("hidden", ("float32", [4, spec.hidden_size], None))
     nbytes = 4 * shape[0] * shape[1] if nbytes is None else nbytes
     fields.setdefault("experts", list(fields.get("slot_ids", [1])))  # slot s < E holds expert s here
-    req = pb.ComputeRequest(moe_layer=0, epoch=0, slot_ids=[1], counts=[4])
+    req = compute_request(moe_layer=0, epoch=0, slot_ids=[1], counts=[4])
     for k, v in fields.items():
         if isinstance(v, list):
             getattr(req, k).extend(v)
@@ -246,7 +251,7 @@ def test_malformed_slot_changes_are_refused_and_change_nothing(setup, request_, 
 
 def test_empty_batch_and_a_refusal_through_the_transport(setup):
     spec, stub = setup["spec"], setup["stub"]
-    req = pb.ComputeRequest(moe_layer=0)
+    req = compute_request(moe_layer=0)
     tensor_to_proto(torch.empty(0, spec.hidden_size), out=req.hidden)
     assert list(stub.Compute(req, timeout=10).output.shape) == [0, spec.hidden_size]
     from moeyard.router_service.transport import ShardBatch
@@ -337,7 +342,7 @@ def _x(spec, rows=6, seed=11):
 
 
 def _call(stub, x, slot_ids, counts, experts, moe_layer=MIG_LAYER, epoch=0):
-    req = pb.ComputeRequest(moe_layer=moe_layer, epoch=epoch, slot_ids=slot_ids, counts=counts, experts=experts)
+    req = compute_request(moe_layer=moe_layer, epoch=epoch, slot_ids=slot_ids, counts=counts, experts=experts)
     tensor_to_proto(x, out=req.hidden)
     return tensor_from_proto(stub.Compute(req, timeout=30).output)
 

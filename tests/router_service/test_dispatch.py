@@ -86,8 +86,10 @@ def test_dispatch_combine_equals_dense_reference_for_any_placement(family, hf_mo
         for b in batches:
             assert b.slot_ids == sorted(b.slot_ids)
             assert all(pl.shard_of(s) == b.shard for s in b.slot_ids)
-            assert sum(b.counts) == b.hidden.shape[0]
-        assert sum(b.hidden.shape[0] for b in batches) == ids.numel()
+            assert sum(b.counts) == b.num_rows == b.rows().shape[0] == b.token_rows.shape[0]
+            # each token once per shard: distinct rows, ascending token order
+            assert b.hidden.shape[0] == len({tuple(r) for r in b.hidden.tolist()}) <= b.num_rows
+        assert sum(b.num_rows for b in batches) == ids.numel()
         results.append((pl, batches, out))
     for _, _, out in results[1:]:
         torch.testing.assert_close(out, results[0][2], atol=1e-6, rtol=1e-6)
@@ -108,7 +110,7 @@ def test_plan_groups_rows_by_slot_and_shard():
     # rebuild (slot, token) pairs from the batches and compare with the choice
     got = []
     for b in batches:
-        rows = b.hidden[:, 0].long().tolist()
+        rows = b.rows()[:, 0].long().tolist()
         i = 0
         for s, n in zip(b.slot_ids, b.counts):
             got.extend((s, r) for r in rows[i:i + n])
@@ -116,6 +118,41 @@ def test_plan_groups_rows_by_slot_and_shard():
     want = sorted((int(slots[t, k]), t) for t in range(4) for k in range(2))
     assert sorted(got) == want
     assert [b.shard for b in batches] == sorted({pl.shard_of(s) for s, _ in want})
+    # each token once per shard: its distinct tokens, ascending, and a row index per (token, expert)
+    for b in batches:
+        tokens = b.hidden[:, 0].long().tolist()
+        assert tokens == sorted(set(tokens))
+        assert set(tokens) == {t for s, t in want if pl.shard_of(s) == b.shard}
+    assert sum(b.hidden.shape[0] for b in batches) == len({(pl.shard_of(s), t) for s, t in want})
+
+
+def test_a_token_with_two_experts_on_one_shard_travels_there_once():
+    pl = Placement(torch.tensor([[0, 1, 2, 3]]), num_shards=2)   # shard 0: experts 0, 1; shard 1: 2, 3
+    hidden = torch.arange(4, dtype=torch.float32).unsqueeze(1).repeat(1, 3)
+    ids = torch.tensor([[0, 3], [1, 0], [0, 2], [3, 1]])            # token 1: both experts on shard 0
+    _, (b0, b1) = plan_dispatch(hidden, ids, pl, 0)
+    assert b0.hidden[:, 0].tolist() == [0, 1, 2, 3] and b0.num_rows == 5   # token 1 once, for 2 rows
+    assert b1.hidden[:, 0].tolist() == [0, 2, 3] and b1.num_rows == 3
+    assert b0.rows()[:, 0].tolist() == [0, 1, 2, 1, 3]    # slot 0: tokens 0, 1, 2; slot 1: tokens 1, 3
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_plan_rows_equal_the_per_assignment_rows_for_any_placement(seed):
+    """Whatever the placement, the rows a shard rebuilds are exactly the (token, expert) rows in slot
+    order that the per-assignment format sent."""
+    g = torch.Generator().manual_seed(seed)
+    e, t, a = 8, 37, 4
+    phy = torch.cat([torch.randperm(e, generator=g), torch.randint(0, e, (4,), generator=g)]).unsqueeze(0)
+    pl = Placement(phy, num_shards=[1, 2, 3, 4, 6][seed])
+    hidden = torch.randn(t, 5, generator=g)
+    ids = torch.stack([torch.randperm(e, generator=g)[:a] for _ in range(t)])
+    plan, batches = plan_dispatch(hidden, ids, pl, 0, turn=seed)
+    per_assignment = hidden[plan.order // a]
+    start = 0
+    for b in batches:
+        torch.testing.assert_close(b.rows(), per_assignment[start:start + b.num_rows], atol=0, rtol=0)
+        start += b.num_rows
+    assert start == t * a
 
 
 def test_dispatch_of_no_tokens_is_zero(hf_models):

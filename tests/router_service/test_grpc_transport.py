@@ -67,6 +67,12 @@ def test_engine_over_grpc_matches_in_process(cluster):
     assert got == same_placement, cluster["family"]
     assert got == default, cluster["family"]
     assert all(len(g) == NEW_TOKENS for g in got)
+    # each token went once to each shard holding any of its experts: fewer hidden bytes than one per
+    # (token, expert) row (top-k 2 and 8 over two shards), plus a 4-byte index per row
+    st = cluster["transport"].wire_stats()
+    assert 0 < st.hidden_bytes < st.per_assignment_bytes
+    rows = st.per_assignment_bytes // (4 * cluster["spec"].hidden_size)   # fp32 on the wire
+    assert st.index_bytes == 4 * rows
     for srv in servers:  # both shards did work, including their copies of the other shard's experts
         st = srv.status()
         assert st["requests"] > 0 and st["tokens"] > 0

@@ -20,6 +20,7 @@ import os
 import shutil
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -262,6 +263,25 @@ def test_live_metrics_auth_and_top(cluster, redis_info):
     assert gen and gen[0] > 0
     layers = {s.labels["layer"] for s in fams["moeyard:balancedness"].samples}
     assert layers == {"0", "1"}
+    # bytes to the shards: each token once per shard (top-2 here), so fewer hidden bytes than one per
+    # (token, expert) row, plus a 4-byte index per row; and per model step
+
+    def wire(f):
+        vals = {}
+        for name in ("moeyard:expert_wire_bytes", "moeyard:expert_wire_bytes_per_assignment",
+                     "moeyard:engine_steps", "moeyard:expert_wire_bytes_per_step"):
+            for smp in f.get(name, types.SimpleNamespace(samples=[])).samples:
+                if smp.name.endswith("_created"):
+                    continue
+                key = smp.name + ":" + smp.labels.get("part", "")
+                vals[key] = vals.get(key, 0.0) + smp.value
+        return vals
+    w = _wait(lambda: (v := wire(families())) and v.get("moeyard:expert_wire_bytes_total:hidden", 0) > 0 and v,
+              60, "wire byte counters")
+    hidden, index = w["moeyard:expert_wire_bytes_total:hidden"], w["moeyard:expert_wire_bytes_total:index"]
+    per_assignment = w["moeyard:expert_wire_bytes_per_assignment_total:"]
+    assert 0 < hidden < per_assignment and index > 0
+    assert w["moeyard:engine_steps_total:"] > 0 and w["moeyard:expert_wire_bytes_per_step:"] > 0
     # every series the Grafana dashboard is built on is there, with the labels it expects
     from tests.deploy.test_grafana import EXPECTED_METRICS, OPTIONAL_METRICS
 
