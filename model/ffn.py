@@ -141,9 +141,11 @@ def grouped_gemm_supported(device: torch.device, dtype: torch.dtype) -> bool:
         if ok:
             try:
                 g = torch.Generator(device="cpu").manual_seed(0)
-                x = torch.randn(5, 16, generator=g).to(device=device, dtype=dtype)
-                w13 = torch.randn(3, 32, 16, generator=g).to(device=device, dtype=dtype)
-                w2 = torch.randn(3, 16, 16, generator=g).to(device=device, dtype=dtype)
+                # on the CPU explicitly: a probe run under another default device (a test's meta guard)
+                # must not cache a wrong answer for the whole process
+                x = torch.randn(5, 16, generator=g, device="cpu").to(device=device, dtype=dtype)
+                w13 = torch.randn(3, 32, 16, generator=g, device="cpu").to(device=device, dtype=dtype)
+                w2 = torch.randn(3, 16, 16, generator=g, device="cpu").to(device=device, dtype=dtype)
                 got = grouped_swiglu_gemm(x, [2, 3], w13, w2, [2, 0])
                 want = grouped_swiglu(x, [2, 3], w13, w2, [2, 0])
                 ok = bool(torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2))
