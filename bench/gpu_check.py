@@ -1,4 +1,4 @@
-"""The one check for a lent GPU: ``python -m bench.gpu_check [--device cuda|cpu] [--quick] [--stages a,b,c,e]``.
+"""The one check for a lent GPU: ``python -m bench.gpu_check [--device cuda|cpu] [--quick] [--stages a,b,c,d,e]``.
 
 Stages (each with its own time limit, all of them together within 5 minutes):
 
@@ -10,6 +10,9 @@ Stages (each with its own time limit, all of them together within 5 minutes):
 * ``c``: decode of 2-layer Mixtral-8x7B- and DeepSeek-V3-shaped slices in-process at batch 1 to 256: ms
   per step against the HBM floor, KV-cache bytes per token, one attention call per kernel
   (:mod:`bench.gpu_decode`).
+* ``d``: the engine against two expert shards over gRPC, each a plain process, on the device: decode
+  step time against in-process with overlap off and on, bytes per step before and after sending each
+  token once per shard (:mod:`bench.gpu_shards`).
 * ``e``: host <-> device copy bandwidth from pinned and from pageable host memory.
 
 ``--quick`` runs the same stages at toy sizes (CI runs ``--device cpu --quick``, so the script cannot
@@ -36,9 +39,10 @@ import torch
 import moeyard.source_tree  # noqa: F401  (the sub-packages from a bare tree: a GPU box)
 from bench.common import machine_info, median_ms
 from bench.gpu_decode import stage_c
+from bench.gpu_shards import stage_d
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "llama", "qwen2"]
-STAGE_LIMITS_S = {"a": 110, "b": 60, "c": 90, "e": 25}
+STAGE_LIMITS_S = {"a": 100, "b": 45, "c": 75, "d": 45, "e": 20}
 """Each stage's time limit; 285 s together, inside the 5 minutes a device session plans for."""
 H200_BF16_PEAK_TFLOPS = 790.0
 """Dense bf16 matmul throughput measured on an H200 (the device tool's notes)."""
@@ -227,7 +231,7 @@ def stage_e(device: torch.device, quick: bool) -> dict:
     return out
 
 
-STAGES = {"a": stage_a, "b": stage_b, "c": stage_c, "e": stage_e}
+STAGES = {"a": stage_a, "b": stage_b, "c": stage_c, "d": stage_d, "e": stage_e}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,7 +74,9 @@ def _tensor_bytes(obj, skip: frozenset[str] = frozenset()) -> int:
 
 
 def build_slice(config: dict, device: torch.device, dtype: torch.dtype, max_batch: int, context: int,
-                block_size: int = 16, backend: str = "auto") -> Slice:
+                block_size: int = 16, backend: str = "auto", transport=None, placement=None) -> Slice:
+    """The slice's attention side (and, without ``transport``, its experts in-process in one shard);
+    the same seeds give the same weights and cache contents in every process."""
     from moeyard.attention.engine import build_local_experts
     from moeyard.attention.kv_cache import KVCache
     from moeyard.attention.model_runner import ModelRunner
@@ -90,15 +92,17 @@ def build_slice(config: dict, device: torch.device, dtype: torch.dtype, max_batc
         spec = load_spec(tmp)
         reader = RandomWeights(device)
         weights = load_attention_weights(reader, spec, dtype, device)
-        placement = round_robin_placement(spec.num_moe_layers, spec.moe.num_experts, 1)
-        transport = build_local_experts(tmp, spec, placement, dtype, reader=reader, device=device)
+        if transport is None:
+            placement = round_robin_placement(spec.num_moe_layers, spec.moe.num_experts, 1)
+            transport = build_local_experts(tmp, spec, placement, dtype, reader=reader, device=device)
     gates = [GateParams(lw.moe.router, lw.moe.correction_bias) for lw in weights.layers]
     router = MoERouter(GateConfig.from_spec(spec.moe, family=spec.family), gates,
                        ExpertDispatcher(placement, transport))
     per_seq = -(-(context + 1) // block_size)
     cache = KVCache(spec, max_batch * per_seq + 1, block_size, dtype, device)
+    g = torch.Generator(device=device).manual_seed(1)
     for t in (cache.latent if cache.mla else cache.k + cache.v):
-        t.normal_()
+        t.normal_(generator=g)
     runner = ModelRunner(spec, weights, cache, router, dtype, context + 8, device, backend)
     # what a step reads on the attention side: not the embedding table (B rows of it) and, absorbed, not kv_b
     skip = frozenset({"kv_b"} if spec.mla else set())

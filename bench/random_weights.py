@@ -2,13 +2,15 @@
 shapes (a Mixtral-8x7B or DeepSeek-V3 slice) that no disk here could hold or write in time.
 
 It answers what :class:`moeyard.model.checkpoint.CheckpointReader` answers (``get`` with the expected
-shape, ``has``): norms are ones, DeepSeek-V3's routing bias zeros, every other tensor normal with
-standard deviation ``fan_in ** -0.5`` (so activations keep their scale through the layers and the
-routing stays near uniform); no bias exists.
+shape, ``has``). Each tensor is seeded by its name, so every process (an engine and its expert
+shards) makes the same weights whatever it reads and in whatever order: norms are ones, DeepSeek-V3's
+routing bias zeros, every other tensor normal with standard deviation ``fan_in ** -0.5`` (so
+activations keep their scale through the layers and the routing stays near uniform); no bias exists.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 
 import torch
@@ -17,7 +19,8 @@ import torch
 class RandomWeights:
     def __init__(self, device: torch.device | str, seed: int = 0):
         self.device = torch.device(device)
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.seed = seed
+        self.generator = torch.Generator(device=self.device)
         self.reads: list[str] = []
 
     def has(self, name: str) -> bool:
@@ -33,6 +36,7 @@ class RandomWeights:
             return torch.ones(shape, dtype=dtype, device=self.device)
         if name.endswith("e_score_correction_bias"):
             return torch.zeros(shape, dtype=dtype, device=self.device)
+        self.generator.manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
         t = torch.randn(shape, generator=self.generator, dtype=dtype, device=self.device)
         return t.mul_(shape[-1] ** -0.5)
 

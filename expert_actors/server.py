@@ -111,13 +111,16 @@ class ExpertServer:
             wildcard host, this machine's IP).
         device: where the weights live and the FFNs run (``auto``: CUDA where this process has a
             GPU); requests and answers cross the wire through host memory.
+        reader: where the expert tensors come from (default: a ``CheckpointReader`` of ``model_dir``;
+            benchmarks pass one that makes full-size random weights on the device).
     """
 
     def __init__(self, shard_id: int, spec: ModelSpec | None, model_dir: str | Path, dtype: torch.dtype | str,
                  assignments: Mapping[int, Iterable[tuple[int, int]]] | None = None, host: str = "127.0.0.1",
                  port: int = 0, num_threads: int | None = None, server_credentials=None, *,
                  max_workers: int = 8, max_message_bytes: int = EXPERT_MAX_MESSAGE_BYTES,
-                 advertise_host: str | None = None, device: str | torch.device = "auto"):
+                 advertise_host: str | None = None, device: str | torch.device = "auto",
+                 reader: CheckpointReader | None = None):
         self.shard_id = int(shard_id)
         self.model_dir = Path(model_dir)
         self.spec = spec if spec is not None else load_spec(model_dir)
@@ -127,7 +130,7 @@ class ExpertServer:
         self.device = resolve_device(device)
         if num_threads:
             torch.set_num_threads(int(num_threads))
-        self.reader = CheckpointReader(self.model_dir)
+        self.reader = reader if reader is not None else CheckpointReader(self.model_dir)
         self.slots = ExpertSlots(self.spec, self.dtype, self.device)
         self._compute_lock = threading.Lock()  # serialises grouped FFNs; slot changes do not take it
         self._stats_lock = threading.Lock()

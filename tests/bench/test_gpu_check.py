@@ -20,7 +20,7 @@ def test_gpu_check_runs_on_the_cpu_at_toy_sizes(tmp_path):
                        timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["ok"] and set(report["stages"]) == {"a", "b", "c", "e"}
+    assert report["ok"] and set(report["stages"]) == {"a", "b", "c", "d", "e"}
     families = report["stages"]["a"]["families"]
     assert len(families) == 8
     for family, f in families.items():
@@ -39,6 +39,14 @@ def test_gpu_check_runs_on_the_cpu_at_toy_sizes(tmp_path):
     ds = slices["deepseek_v3_2l"]
     # MLA's cache: latent 64 + rope 16 per token (bf16), not 4 heads x (48 + 32) expanded
     assert ds["kv_bytes_per_token_per_layer"] == 160 and ds["kv_bytes_per_token_per_layer_expanded"] == 640
+    # stage d: two shard processes over gRPC serve the same model as in-process (same logits), and a
+    # step sends fewer bytes than one row per (token, expert) once tokens share a shard
+    d = report["stages"]["d"]
+    assert [r["batch"] for r in d["runs"]] == [2, 8]
+    assert all(r["logits_rel_err"] < 1e-3 and r["grpc_ms"][0] > 0 for r in d["runs"])
+    assert d["runs"][-1]["bytes_per_step"] < d["runs"][-1]["bytes_per_step_v1"]
+    assert [w["shards"] for w in d["deepseek_v3_wire"]] == [2, 4, 8]
+    assert all(w["ratio"] < 1 for w in d["deepseek_v3_wire"])
     assert report["stages"]["e"]["host_to_host_gbs"] > 0
     assert report["machine"]["torch"] == torch.__version__
 
