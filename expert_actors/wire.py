@@ -113,16 +113,17 @@ def rows_to_bytes(rows: torch.Tensor) -> bytes:
 
 
 def rows_from_bytes(data: bytes, num_rows: int, num_hidden: int) -> torch.Tensor:
-    """Decode ``ComputeRequest.token_rows`` (``[N]`` int64 on the host). ValueError when the bytes are not
-    ``num_rows`` int32 values or one is outside ``[0, num_hidden)``."""
+    """Decode ``ComputeRequest.token_rows`` (``[N]`` int32 on the host, a view of ``data``: ``index_select``
+    takes it as it is). ValueError when the bytes are not ``num_rows`` int32 values or one is outside
+    ``[0, num_hidden)``."""
     if len(data) != 4 * num_rows:
         raise ValueError(f"token_rows has {len(data)} bytes; {num_rows} rows need {4 * num_rows} "
                          "(one little-endian int32 each)")
     if num_rows == 0:
-        return torch.empty(0, dtype=torch.int64)
+        return torch.empty(0, dtype=torch.int32)
     _spend_frombuffer_warning()
-    rows = torch.frombuffer(data, dtype=torch.int32).to(torch.int64)
-    lo, hi = int(rows.min()), int(rows.max())
+    rows = torch.frombuffer(data, dtype=torch.int32)
+    lo, hi = (int(v) for v in torch.aminmax(rows))
     if lo < 0 or hi >= num_hidden:
         raise ValueError(f"token_rows names row {lo if lo < 0 else hi} of hidden, which has {num_hidden} rows")
     return rows
