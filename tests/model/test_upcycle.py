@@ -27,16 +27,21 @@ NEW = 12
 CALIB = torch.randint(3, 256, (400,), generator=torch.Generator().manual_seed(5)).tolist()
 
 
-@pytest.fixture(scope="module")
-def dense(tmp_path_factory):
-    """family -> (dense checkpoint dir, transformers model): odd sizes, three layers."""
+def _dense_models(tmp_path_factory, name: str, intermediate: int) -> dict:
+    """family -> (dense checkpoint dir, transformers model): three layers, hidden 48, FFN ``intermediate``."""
     out = {}
     for family in ("llama", "qwen2"):
-        d = tmp_path_factory.mktemp(f"dense_{family}")
+        d = tmp_path_factory.mktemp(f"{name}_{family}")
         extra = {"layer_types": ["full_attention"] * 3} if family == "qwen2" else {}
-        out[family] = (d, save_hf_model(family, d, num_hidden_layers=3, intermediate_size=88, hidden_size=48,
-                                        num_attention_heads=3, num_key_value_heads=1, **extra))
+        out[family] = (d, save_hf_model(family, d, num_hidden_layers=3, intermediate_size=intermediate,
+                                        hidden_size=48, num_attention_heads=3, num_key_value_heads=1, **extra))
     return out
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    """Odd sizes (FFN 88)."""
+    return _dense_models(tmp_path_factory, "dense", 88)
 
 
 def _hf_greedy(model, prompt):
@@ -140,13 +145,7 @@ def test_upcycle_cli(dense, tmp_path):
 def dense96(tmp_path_factory):
     """Dense checkpoints whose FFN width (96) splits into 4 experts of 24 (strides of 16 bytes for
     transformers' grouped GEMM)."""
-    out = {}
-    for family in ("llama", "qwen2"):
-        d = tmp_path_factory.mktemp(f"dense96_{family}")
-        extra = {"layer_types": ["full_attention"] * 3} if family == "qwen2" else {}
-        out[family] = (d, save_hf_model(family, d, num_hidden_layers=3, intermediate_size=96, hidden_size=48,
-                                        num_attention_heads=3, num_key_value_heads=1, **extra))
-    return out
+    return _dense_models(tmp_path_factory, "dense96", 96)
 
 
 def _nll(model, ids: list[int]) -> float:
