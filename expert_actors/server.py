@@ -45,7 +45,15 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from moeyard.expert_actors.slots import ExpertSlots, SlotFull, SlotNotHeld
-from moeyard.expert_actors.wire import dtype_name, rows_from_bytes, tensor_from_proto, tensor_to_proto
+from moeyard.expert_actors.wire import (
+    ComputeResult,
+    decode_compute_request,
+    dtype_name,
+    encode_compute_response,
+    request_token_rows,
+    rows_from_bytes,
+    tensor_from_bytes,
+)
 from moeyard.model.checkpoint import CheckpointError, CheckpointReader
 from moeyard.model.devices import resolve_device
 from moeyard.model.dtypes import resolve_dtype
@@ -369,27 +377,29 @@ class _Servicer(pb_grpc.ExpertServiceServicer):
             log.debug("shard %d: %s refused (%s): %s", self.s.shard_id, method, code.name, msg)
         context.abort(code, msg)
 
-    def Compute(self, request, context):
+    def Compute(self, call, context):
+        """``call``: the request decoded by :func:`decode_compute_request` (hidden states and token rows
+        are views of the received bytes); answers a :class:`ComputeResult` (encoded with one copy)."""
         def run():
+            request = call.message
             if request.wire_version != EXPERT_WIRE_VERSION:
                 raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                    f"ComputeRequest of wire format version {request.wire_version}: this shard "
                                    f"speaks version {EXPERT_WIRE_VERSION} (upgrade routers and shards together)")
             if not request.HasField("hidden"):
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "hidden is missing")
-            x = tensor_from_proto(request.hidden)
+            x = tensor_from_bytes(request.hidden.dtype, request.hidden.shape, call.payload)
             counts = list(request.counts)
             rows = None
-            if request.token_rows:
+            token_rows = request_token_rows(call)
+            if len(token_rows):
                 try:
-                    rows = rows_from_bytes(request.token_rows, sum(counts), x.shape[0] if x.dim() else 0)
+                    rows = rows_from_bytes(token_rows, sum(counts), x.shape[0] if x.dim() else 0)
                 except ValueError as e:
                     raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
             out, dt = self.s.compute(request.moe_layer, list(request.slot_ids), counts, x,
                                      request.epoch, list(request.experts), token_rows=rows)
-            resp = pb.ComputeResponse(compute_seconds=dt, shard_id=self.s.shard_id)
-            tensor_to_proto(out, out=resp.output)
-            return resp
+            return ComputeResult(pb.ComputeResponse(compute_seconds=dt, shard_id=self.s.shard_id), out)
         return self._run(context, "Compute", run)
 
     def LoadSlots(self, request, context):
@@ -432,13 +442,19 @@ def _refusing_malformed(method):
 
 def _add_servicer(servicer: _Servicer, server: grpc.Server) -> None:
     """``add_ExpertServiceServicer_to_server``, except that a request that does not parse is
-    INVALID_ARGUMENT (grpcio answers INTERNAL "Exception deserializing request!")."""
+    INVALID_ARGUMENT (grpcio answers INTERNAL "Exception deserializing request!"), and that ``Compute``'s
+    tensors are read and written in place (``expert_actors/frames.py``)."""
     handlers = {}
     for m in pb.DESCRIPTOR.services_by_name["ExpertService"].methods:
+        if m.name == "Compute":
+            deserialize = tolerant_deserializer(pb.ComputeRequest, parse=decode_compute_request)
+            serialize = encode_compute_response
+        else:
+            deserialize = tolerant_deserializer(getattr(pb, m.input_type.name))
+            serialize = getattr(pb, m.output_type.name).SerializeToString
         handlers[m.name] = grpc.unary_unary_rpc_method_handler(
-            _refusing_malformed(getattr(servicer, m.name)),
-            request_deserializer=tolerant_deserializer(getattr(pb, m.input_type.name)),
-            response_serializer=getattr(pb, m.output_type.name).SerializeToString)
+            _refusing_malformed(getattr(servicer, m.name)), request_deserializer=deserialize,
+            response_serializer=serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(EXPERT_SERVICE, handlers),))
     if hasattr(server, "add_registered_method_handlers"):
         server.add_registered_method_handlers(EXPERT_SERVICE, handlers)

@@ -16,9 +16,11 @@ import functools
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from moeyard.expert_actors.frames import Decoded, decode, encode
 from moeyard.v1 import expert_pb2 as pb
 
 WIRE_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -75,8 +77,9 @@ def tensor_to_proto(t: torch.Tensor, dtype: torch.dtype | None = None, out: pb.T
     return msg
 
 
-def tensor_from_bytes(dtype: str, shape: Sequence[int], data: bytes, copy: bool = False) -> torch.Tensor:
-    """Decode raw wire bytes; the result is a view of ``data`` unless ``copy``.
+def tensor_from_bytes(dtype: str, shape: Sequence[int], data: bytes | memoryview, copy: bool = False) -> torch.Tensor:
+    """Decode raw wire bytes; the result is a view of ``data`` unless ``copy`` (or unless ``data`` is not
+    aligned to the dtype's size, which it then copies).
 
     Raises ValueError when the dtype is unknown, a dimension is negative, or the
     byte count does not match ``prod(shape) * itemsize``.
@@ -97,7 +100,7 @@ def tensor_from_bytes(dtype: str, shape: Sequence[int], data: bytes, copy: bool 
             raise ValueError(f"tensor shape {shape} is too large: {e}") from None
     _spend_frombuffer_warning()
     t = torch.frombuffer(data, dtype=dt).view(shape)
-    return t.clone() if copy else t
+    return t.clone() if copy or t.data_ptr() % itemsize else t
 
 
 def tensor_from_proto(msg: pb.Tensor, copy: bool = False) -> torch.Tensor:
@@ -106,13 +109,7 @@ def tensor_from_proto(msg: pb.Tensor, copy: bool = False) -> torch.Tensor:
     return tensor_from_bytes(msg.dtype, msg.shape, msg.data, copy)
 
 
-def rows_to_bytes(rows: torch.Tensor) -> bytes:
-    """``ComputeRequest.token_rows``: ``rows [N]`` as little-endian int32 bytes."""
-    flat = rows.detach().reshape(-1).to(device="cpu", dtype=torch.int32)
-    return flat.numpy().tobytes() if flat.numel() else b""
-
-
-def rows_from_bytes(data: bytes, num_rows: int, num_hidden: int) -> torch.Tensor:
+def rows_from_bytes(data: bytes | memoryview, num_rows: int, num_hidden: int) -> torch.Tensor:
     """Decode ``ComputeRequest.token_rows`` (``[N]`` int32 on the host, a view of ``data``: ``index_select``
     takes it as it is). ValueError when the bytes are not ``num_rows`` int32 values or one is outside
     ``[0, num_hidden)``."""
@@ -123,10 +120,83 @@ def rows_from_bytes(data: bytes, num_rows: int, num_hidden: int) -> torch.Tensor
         return torch.empty(0, dtype=torch.int32)
     _spend_frombuffer_warning()
     rows = torch.frombuffer(data, dtype=torch.int32)
+    if rows.data_ptr() % 4:
+        rows = rows.clone()
     lo, hi = (int(v) for v in torch.aminmax(rows))
     if lo < 0 or hi >= num_hidden:
         raise ValueError(f"token_rows names row {lo if lo < 0 else hi} of hidden, which has {num_hidden} rows")
     return rows
+
+
+def host_bytes(t: torch.Tensor) -> memoryview:
+    """The element bytes of host tensor ``t`` (row-major), a view unless ``t`` is not contiguous."""
+    if t.device.type != "cpu":
+        raise ValueError(f"host_bytes needs a tensor in host memory, not on {t.device}")
+    flat = t.detach().reshape(-1)
+    if not flat.numel():
+        return memoryview(b"")
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+_REQ_HIDDEN = pb.ComputeRequest.DESCRIPTOR.fields_by_name["hidden"].number
+_REQ_ROWS = pb.ComputeRequest.DESCRIPTOR.fields_by_name["token_rows"].number
+_RESP_OUTPUT = pb.ComputeResponse.DESCRIPTOR.fields_by_name["output"].number
+
+
+@dataclass(frozen=True)
+class ComputeCall:
+    """A ``ComputeRequest`` to send: ``message`` without its hidden states and token rows, and those as
+    host tensors (``hidden [U, D]`` in its wire dtype, ``token_rows [N]`` int32 or None)."""
+
+    message: pb.ComputeRequest
+    hidden: torch.Tensor
+    token_rows: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ComputeResult:
+    """A ``ComputeResponse`` to send: ``message`` without its output, and the output ``[N, D]`` (host)."""
+
+    message: pb.ComputeResponse
+    output: torch.Tensor
+
+
+def encode_compute_request(call: ComputeCall) -> bytes:
+    """The request's bytes, the hidden states and token rows copied once (``frames.encode``)."""
+    msg = call.message
+    msg.hidden.dtype = dtype_name(call.hidden.dtype)
+    del msg.hidden.shape[:]
+    msg.hidden.shape.extend(call.hidden.shape)
+    msg.ClearField("token_rows")
+    rows = () if call.token_rows is None else ((_REQ_ROWS, host_bytes(call.token_rows.to(torch.int32))),)
+    return encode(msg, _REQ_HIDDEN, host_bytes(call.hidden), rows)
+
+
+def encode_compute_response(result: ComputeResult) -> bytes:
+    """The response's bytes, the output copied once (``frames.encode``)."""
+    msg = result.message
+    msg.output.dtype = dtype_name(result.output.dtype)
+    del msg.output.shape[:]
+    msg.output.shape.extend(result.output.shape)
+    return encode(msg, _RESP_OUTPUT, host_bytes(result.output))
+
+
+def decode_compute_request(raw: bytes) -> Decoded[pb.ComputeRequest]:
+    """A ``ComputeRequest`` with ``payload`` the hidden states' bytes and ``blobs`` holding ``token_rows``
+    (views of ``raw``). ``DecodeError`` when it does not parse."""
+    return decode(raw, pb.ComputeRequest, _REQ_HIDDEN, (_REQ_ROWS,))
+
+
+def request_token_rows(req: Decoded[pb.ComputeRequest]) -> memoryview:
+    """The ``token_rows`` bytes of a decoded request (empty when absent)."""
+    return req.blobs.get(_REQ_ROWS, memoryview(b""))
+
+
+def decode_compute_response(raw: bytes) -> Decoded[pb.ComputeResponse]:
+    """A ``ComputeResponse`` with ``payload`` the output's bytes (a view of ``raw``)."""
+    return decode(raw, pb.ComputeResponse, _RESP_OUTPUT)
 
 
 def status_to_dict(resp: pb.StatusResponse) -> dict:

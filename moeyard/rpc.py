@@ -67,13 +67,15 @@ class MalformedMessage:
         self.message = message
 
 
-def tolerant_deserializer(message_cls, what: str = "request"):
-    """``message_cls.FromString`` that returns a :class:`MalformedMessage` instead of raising."""
+def tolerant_deserializer(message_cls, what: str = "request", parse=None):
+    """``message_cls.FromString`` (or ``parse``, a parser of the same bytes) that returns a
+    :class:`MalformedMessage` instead of raising."""
     name = message_cls.DESCRIPTOR.full_name
+    parse = parse or message_cls.FromString
 
     def deserialize(data: bytes):
         try:
-            return message_cls.FromString(data)
+            return parse(data)
         except DecodeError as e:
             return MalformedMessage(f"the {what} is not a valid {name} message: {e}")
     return deserialize

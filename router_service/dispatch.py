@@ -19,7 +19,13 @@ from dataclasses import dataclass
 import torch
 
 from moeyard.router_service.placement import ExpertsUnavailable, Placement
-from moeyard.router_service.transport import ExpertTransport, ShardBatch, ShardUnavailable, StalePlacement
+from moeyard.router_service.transport import (
+    ExpertTransport,
+    LayerOutputs,
+    ShardBatch,
+    ShardUnavailable,
+    StalePlacement,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +61,17 @@ def plan_dispatch(hidden: torch.Tensor, ids: torch.Tensor, placement: Placement,
     flat = slots.reshape(-1)                                   # [T*A]
     order = torch.argsort(flat, stable=True)                   # (token, expert) rows in slot order
     sps, num_shards = placement.slots_per_shard, placement.num_shards
-    per_slot = torch.zeros(placement.num_slots, dtype=torch.int64, device=dev)
-    per_slot.index_add_(0, flat, torch.ones_like(flat))
+    per_slot = torch.bincount(flat, minlength=placement.num_slots)
     # which (shard, token) pairs occur: [num_shards, T]; its running count numbers them shard-major
-    pair = (flat // sps) * t + torch.arange(t * a, device=dev) // a
-    seen = torch.zeros(num_shards * t, dtype=torch.int64, device=dev)
-    seen[pair] = 1
+    pair = ((slots // sps) * t + torch.arange(t, device=dev).unsqueeze(1)).reshape(-1)
+    seen = torch.zeros(num_shards * t, dtype=torch.int32, device=dev).index_fill_(0, pair, 1)
     per_shard = seen.view(num_shards, t).sum(1)
     host = torch.cat([per_slot, per_shard]).tolist()           # the one host sync
     per_slot_l, per_shard_l = host[:placement.num_slots], host[placement.num_slots:]
-    numbered = torch.cumsum(seen, 0) - 1                       # index of each (shard, token) among all pairs
-    distinct = torch.nonzero_static(seen, size=sum(per_shard_l)).squeeze(1) % t   # [sum U_s] tokens
+    numbered = torch.cumsum(seen, 0, dtype=torch.int32)        # 1 + index of each (shard, token) among all pairs
+    distinct = torch.nonzero_static(seen.view(num_shards, t), size=sum(per_shard_l))[:, 1]   # [sum U_s] tokens
     x = hidden.index_select(0, distinct)
-    global_row = numbered[pair[order]]                         # [N] rows of x, in slot order
+    global_row = numbered.index_select(0, pair.index_select(0, order))  # [N] 1 + rows of x in slot order (int32)
     uniq_l = [p for p, n in enumerate(per_slot_l) if n]
     counts_l = [per_slot_l[p] for p in uniq_l]
     # the logical expert each chosen slot holds in this placement: the shard checks it
@@ -87,7 +91,7 @@ def plan_dispatch(hidden: torch.Tensor, ids: torch.Tensor, placement: Placement,
             j += 1
         u0, u1 = shard_start[shard], shard_start[shard + 1]
         batches.append(ShardBatch(shard, uniq_l[i:j], counts_l[i:j], x[u0:u1], experts_l[i:j],
-                                  token_rows=global_row[start:start + n] - u0))
+                                  token_rows=global_row[start:start + n] - (u0 + 1)))
         start += n
         i = j
     return DispatchPlan(t, a, order, slots), batches
@@ -103,7 +107,12 @@ def combine(plan: DispatchPlan, outputs: list[torch.Tensor], weights: torch.Tens
     Returns ``[T, D]`` in ``dtype``.
     """
     device = plan.order.device
-    y_sorted = torch.cat([o.to(device) for o in outputs], dim=0) if len(outputs) > 1 else outputs[0].to(device)
+    if isinstance(outputs, LayerOutputs):  # one host buffer: one copy to the device
+        y_sorted = outputs.flat.to(device, non_blocking=True)
+    elif len(outputs) > 1:
+        y_sorted = torch.cat([o.to(device) for o in outputs], dim=0)
+    else:
+        y_sorted = outputs[0].to(device)
     y = torch.empty_like(y_sorted)
     y[plan.order] = y_sorted
     y = y.view(plan.num_tokens, plan.top_k, -1)

@@ -43,8 +43,15 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from moeyard.expert_actors.wire import dtype_name, rows_to_bytes, status_to_dict, tensor_from_proto, tensor_to_proto
-from moeyard.router_service.transport import ShardBatch, ShardUnavailable, StalePlacement
+from moeyard.expert_actors.wire import (
+    ComputeCall,
+    decode_compute_response,
+    dtype_name,
+    encode_compute_request,
+    status_to_dict,
+    tensor_from_bytes,
+)
+from moeyard.router_service.transport import LayerOutputs, ShardBatch, ShardUnavailable, StalePlacement
 from moeyard.rpc import EXPERT_MAX_MESSAGE_BYTES, EXPERT_WIRE_VERSION, grpc_options
 from moeyard.v1 import expert_pb2 as pb
 from moeyard.v1 import expert_pb2_grpc as pb_grpc
@@ -143,7 +150,7 @@ class GrpcTransport:
         self._options = grpc_options(max_message_bytes) + list(channel_options or [])
         self._lock = threading.Lock()
         self._resolved: dict[int, str] = {}
-        self._channels: dict[int, tuple[grpc.Channel, pb_grpc.ExpertServiceStub, object]] = {}
+        self._channels: dict[int, tuple[grpc.Channel, _Stubs, object]] = {}
         self._closed = False
         self._stats = WireStats()
 
@@ -180,7 +187,7 @@ class GrpcTransport:
         with self._lock:
             return self._resolved.setdefault(shard, str(addr))
 
-    def _stub(self, shard: int) -> pb_grpc.ExpertServiceStub:
+    def _stub(self, shard: int) -> "_Stubs":
         with self._lock:
             if self._closed:
                 raise RuntimeError("GrpcTransport is closed")
@@ -195,7 +202,7 @@ class GrpcTransport:
         with self._lock:
             entry = self._channels.get(shard)
             if entry is None and not self._closed:
-                entry = self._channels[shard] = (channel, pb_grpc.ExpertServiceStub(channel), _hold_open(channel))
+                entry = self._channels[shard] = (channel, _Stubs(channel), _hold_open(channel))
                 channel = None
         if channel is not None:  # lost a race (or closed meanwhile): keep the existing one
             channel.close()
@@ -239,10 +246,16 @@ class GrpcTransport:
         if n == 0:
             result.set_result([])
             return result
-        hidden = _on_host([b.hidden for b in batches], self.wire_dtype)
-        token_rows = [b"" if b.token_rows is None else rows_to_bytes(b.token_rows) for b in batches]
-        self._count(hidden, batches, sum(len(r) for r in token_rows))
-        outs: list[torch.Tensor | None] = [None] * n
+        sends = _on_host(batches, self.wire_dtype)
+        self._count([h for h, _ in sends], batches, sum(4 * r.numel() for _, r in sends if r is not None))
+        # the answers land in one host buffer (pinned when the layer lives on an accelerator), batch after batch
+        ref = batches[0].hidden
+        sizes = [b.num_rows for b in batches]
+        flat = torch.empty((sum(sizes), ref.shape[1]), dtype=ref.dtype,
+                           pin_memory=ref.device.type == "cuda")
+        offsets = [0]
+        for n_i in sizes:
+            offsets.append(offsets[-1] + n_i)
         left = [n]
         lock = threading.Lock()
         calls: list[grpc.Future] = []
@@ -260,14 +273,15 @@ class GrpcTransport:
                 return
             try:
                 resp = call.result()
-                y = tensor_from_proto(resp.output)
+                out = resp.message.output
+                y = tensor_from_bytes(out.dtype, out.shape, resp.payload)
                 want = (b.num_rows, b.hidden.shape[1])
                 if tuple(y.shape) != want:
                     raise ShardCallError(b.shard, grpc.StatusCode.INTERNAL,
                                          f"answered shape {list(y.shape)} for {want[0]} (token, expert) rows "
                                          f"of width {want[1]}")
-                if y.dtype != b.hidden.dtype:
-                    y = y.to(b.hidden.dtype)
+                with torch.inference_mode():  # flat is an inference tensor when the engine made it
+                    flat[offsets[i]:offsets[i + 1]].copy_(y)  # the one host copy (and the cast back, if any)
             except grpc.RpcError as e:
                 fail(shard_error(b.shard, e))
                 return
@@ -280,21 +294,19 @@ class GrpcTransport:
             with lock:
                 if result.done():
                     return
-                outs[i] = y
                 left[0] -= 1
                 if left[0] == 0:
                     try:
-                        result.set_result(outs)  # type: ignore[arg-type]
+                        result.set_result(LayerOutputs(flat, sizes))
                     except InvalidStateError:
                         pass
 
         for i, b in enumerate(batches):
             try:
                 stub = self._stub(b.shard)
-                req = pb.ComputeRequest(moe_layer=moe_layer, epoch=epoch, slot_ids=b.slot_ids, counts=b.counts,
-                                        experts=b.experts, wire_version=EXPERT_WIRE_VERSION,
-                                        token_rows=token_rows[i])
-                tensor_to_proto(hidden[i], self.wire_dtype, out=req.hidden)
+                req = ComputeCall(pb.ComputeRequest(moe_layer=moe_layer, epoch=epoch, slot_ids=b.slot_ids,
+                                                    counts=b.counts, experts=b.experts,
+                                                    wire_version=EXPERT_WIRE_VERSION), *sends[i])
                 call = stub.Compute.future(req, timeout=self.timeout_s)
             except ShardUnavailable as e:
                 fail(e)
@@ -350,17 +362,55 @@ class GrpcTransport:
         return self._unary(shard, "UnloadSlots", req, timeout).slots_unloaded
 
 
-def _on_host(parts: list[torch.Tensor], wire_dtype: torch.dtype | None) -> list[torch.Tensor]:
-    """The batches' hidden states in host memory, cast to the wire dtype: one device-to-host copy for the
-    whole layer where they live on an accelerator (one copy per shard would wait once per shard)."""
-    if all(p.device.type == "cpu" for p in parts):
-        return parts
-    flat = torch.cat(parts) if len(parts) > 1 else parts[0]
-    if wire_dtype is not None:
-        flat = flat.to(wire_dtype)
-    host = flat.cpu()
-    out, start = [], 0
-    for p in parts:
-        out.append(host[start:start + p.shape[0]])
-        start += p.shape[0]
+class _Stubs(pb_grpc.ExpertServiceStub):
+    """The service's stub, with ``Compute`` encoding and decoding its tensors in place
+    (:class:`~moeyard.expert_actors.wire.ComputeCall` in, a decoded response out)."""
+
+    def __init__(self, channel: grpc.Channel):
+        super().__init__(channel)
+        self.Compute = channel.unary_unary(f"/{pb.DESCRIPTOR.package}.ExpertService/Compute",
+                                           request_serializer=encode_compute_request,
+                                           response_deserializer=decode_compute_response)
+
+
+def _on_host(batches: Sequence[ShardBatch], wire_dtype: torch.dtype | None
+             ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Each batch's ``(hidden [U_i, D], token_rows [N_i] int32 | None)`` in host memory, hidden cast to
+    the wire dtype. Batches already in host memory are used where they are; on an accelerator the whole
+    layer comes over in one non-blocking copy into a pinned buffer (torch's caching host allocator reuses
+    those from layer to layer), one wait for it, however many shards."""
+    dev = batches[0].hidden.device
+    if dev.type == "cpu":
+        return [((b.hidden if wire_dtype is None else b.hidden.to(wire_dtype)),
+                 None if b.token_rows is None else b.token_rows.to(torch.int32)) for b in batches]
+    return stage_to_host(batches, wire_dtype, pin=dev.type == "cuda")
+
+
+def stage_to_host(batches: Sequence[ShardBatch], wire_dtype: torch.dtype | None, pin: bool
+                  ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """:func:`_on_host` for batches on a device: their token rows (int32) and hidden states packed into one
+    byte buffer on the device (rows first: every part then starts aligned to its element size), one copy
+    of it to the host (``pin``: into pinned memory, non-blocking, then one wait), and views of it."""
+    dtype = wire_dtype or batches[0].hidden.dtype
+    rows = [None if b.token_rows is None else b.token_rows.to(torch.int32).reshape(-1) for b in batches]
+    hid = [b.hidden.to(dtype).reshape(-1) for b in batches]
+    parts = [r.view(torch.uint8) for r in rows if r is not None] + [h.view(torch.uint8) for h in hid]
+    packed = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8, device=batches[0].hidden.device)
+    host = torch.empty(packed.shape, dtype=torch.uint8, pin_memory=pin)
+    host.copy_(packed, non_blocking=pin)
+    if pin:
+        torch.cuda.current_stream(packed.device).synchronize()
+    out_rows: list[torch.Tensor | None] = []
+    start = 0
+    for r in rows:
+        if r is None:
+            out_rows.append(None)
+            continue
+        out_rows.append(host[start:start + 4 * r.numel()].view(torch.int32))
+        start += 4 * r.numel()
+    out: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    for b, h, r in zip(batches, hid, out_rows):
+        nbytes = h.numel() * dtype.itemsize
+        out.append((host[start:start + nbytes].view(dtype).view(b.hidden.shape), r))
+        start += nbytes
     return out

@@ -85,6 +85,20 @@ class ShardBatch:
         return self.hidden if self.token_rows is None else self.hidden.index_select(0, self.token_rows)
 
 
+class LayerOutputs(list):
+    """One layer's outputs, one ``[N_i, D]`` per batch in batch order (a list, as every transport
+    answers), that are consecutive row ranges of one ``flat [N, D]`` tensor in host memory (pinned where
+    the layer's tensors live on an accelerator): the combine copies ``flat`` to the device at once."""
+
+    def __init__(self, flat: torch.Tensor, sizes: Sequence[int]):
+        parts, start = [], 0
+        for n in sizes:
+            parts.append(flat[start:start + n])
+            start += n
+        super().__init__(parts)
+        self.flat = flat
+
+
 class ExpertTransport(Protocol):
     """The data path to the shards (what the dispatcher uses)."""
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moeyard/v1/expert.proto\x12\nmoeyard.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xb3\x01\n\x0e\x43omputeRequest\x12\x11\n\tmoe_layer\x18\x01 \x01(\x05\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x10\n\x08slot_ids\x18\x03 \x03(\x03\x12\x0e\n\x06\x63ounts\x18\x04 \x03(\x03\x12\"\n\x06hidden\x18\x05 \x01(\x0b\x32\x12.moeyard.v1.Tensor\x12\x0f\n\x07\x65xperts\x18\x06 \x03(\x03\x12\x14\n\x0cwire_version\x18\x07 \x01(\r\x12\x12\n\ntoken_rows\x18\x08 \x01(\x0c\"`\n\x0f\x43omputeResponse\x12\"\n\x06output\x18\x01 \x01(\x0b\x32\x12.moeyard.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x10\n\x08shard_id\x18\x03 \x01(\x05\"A\n\x0eSlotAssignment\x12\x11\n\tmoe_layer\x18\x01 \x01(\x05\x12\x0c\n\x04slot\x18\x02 \x01(\x03\x12\x0e\n\x06\x65xpert\x18\x03 \x01(\x03\"L\n\x10LoadSlotsRequest\x12)\n\x05slots\x18\x01 \x03(\x0b\x32\x1a.moeyard.v1.SlotAssignment\x12\r\n\x05stage\x18\x02 \x01(\x08\"U\n\x11LoadSlotsResponse\x12\x14\n\x0c\x62ytes_loaded\x18\x01 \x01(\x03\x12\x14\n\x0cload_seconds\x18\x02 \x01(\x01\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x03\"J\n\x07SlotRef\x12\x11\n\tmoe_layer\x18\x01 \x01(\x05\x12\x0c\n\x04slot\x18\x02 \x01(\x03\x12\x13\n\x06\x65xpert\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\t\n\x07_expert\"8\n\x12UnloadSlotsRequest\x12\"\n\x05slots\x18\x01 \x03(\x0b\x32\x13.moeyard.v1.SlotRef\"C\n\x13UnloadSlotsResponse\x12\x16\n\x0eslots_unloaded\x18\x01 \x01(\x05\x12\x14\n\x0cweight_bytes\x18\x02 \x01(\x03\"\x0f\n\rStatusRequest\"B\n\nLayerSlots\x12\x11\n\tmoe_layer\x18\x01 \x01(\x05\x12\x10\n\x08slot_ids\x18\x02 \x03(\x03\x12\x0f\n\x07\x65xperts\x18\x03 \x03(\x03\"\x84\x02\n\x0eStatusResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\x12&\n\x06layers\x18\x02 \x03(\x0b\x32\x16.moeyard.v1.LayerSlots\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x03\x12\x11\n\trss_bytes\x18\x04 \x01(\x03\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x07 \x01(\t\x12\x13\n\x0bnum_threads\x18\x08 \x01(\x05\x12\x10\n\x08requests\x18\t \x01(\x03\x12\x0e\n\x06tokens\x18\n \x01(\x03\x12\x17\n\x0f\x63ompute_seconds\x18\x0b \x01(\x01\x12\x12\n\nlast_epoch\x18\x0c \x01(\x03\x32\xae\x02\n\rExpertService\x12\x42\n\x07\x43ompute\x12\x1a.moeyard.v1.ComputeRequest\x1a\x1b.moeyard.v1.ComputeResponse\x12H\n\tLoadSlots\x12\x1c.moeyard.v1.LoadSlotsRequest\x1a\x1d.moeyard.v1.LoadSlotsResponse\x12N\n\x0bUnloadSlots\x12\x1e.moeyard.v1.UnloadSlotsRequest\x1a\x1f.moeyard.v1.UnloadSlotsResponse\x12?\n\x06Status\x12\x19.moeyard.v1.StatusRequest\x1a\x1a.moeyard.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moeyard/v1/expert.proto\x12\nmoeyard.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xc0\x01\n\x0e\x43omputeRequest\x12\x11\n\tmoe_layer\x18\x01 \x01(\x05\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x10\n\x08slot_ids\x18\x03 \x03(\x03\x12\x0e\n\x06\x63ounts\x18\x04 \x03(\x03\x12\"\n\x06hidden\x18\x05 \x01(\x0b\x32\x12.moeyard.v1.Tensor\x12\x0f\n\x07\x65xperts\x18\x06 \x03(\x03\x12\x14\n\x0cwire_version\x18\x07 \x01(\r\x12\x12\n\ntoken_rows\x18\x08 \x01(\x0c\x12\x0b\n\x03pad\x18\x0f \x01(\x0c\"m\n\x0f\x43omputeResponse\x12\"\n\x06output\x18\x01 \x01(\x0b\x32\x12.moeyard.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x10\n\x08shard_id\x18\x03 \x01(\x05\x12\x0b\n\x03pad\x18\x0f \x01(\x0c\"A\n\x0eSlotAssignment\x12\x11\n\tmoe_layer\x18\x01 \x01(\x05\x12\x0c\n\x04slot\x18\x02 \x01(\x03\x12\x0e\n\x06\x65xpert\x18\x03 \x01(\x03\"L\n\x10LoadSlotsRequest\x12)\n\x05slots\x18\x01 \x03(\x0b\x32\x1a.moeyard.v1.SlotAssignment\x12\r\n\x05stage\x18\x02 \x01(\x08\"U\n\x11LoadSlotsResponse\x12\x14\n\x0c\x62ytes_loaded\x18\x01 \x01(\x03\x12\x14\n\x0cload_seconds\x18\x02 \x01(\x01\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x03\"J\n\x07SlotRef\x12\x11\n\tmoe_layer\x18\x01 \x01(\x05\x12\x0c\n\x04slot\x18\x02 \x01(\x03\x12\x13\n\x06\x65xpert\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\t\n\x07_expert\"8\n\x12UnloadSlotsRequest\x12\"\n\x05slots\x18\x01 \x03(\x0b\x32\x13.moeyard.v1.SlotRef\"C\n\x13UnloadSlotsResponse\x12\x16\n\x0eslots_unloaded\x18\x01 \x01(\x05\x12\x14\n\x0cweight_bytes\x18\x02 \x01(\x03\"\x0f\n\rStatusRequest\"B\n\nLayerSlots\x12\x11\n\tmoe_layer\x18\x01 \x01(\x05\x12\x10\n\x08slot_ids\x18\x02 \x03(\x03\x12\x0f\n\x07\x65xperts\x18\x03 \x03(\x03\"\x84\x02\n\x0eStatusResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\x12&\n\x06layers\x18\x02 \x03(\x0b\x32\x16.moeyard.v1.LayerSlots\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x03\x12\x11\n\trss_bytes\x18\x04 \x01(\x03\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x07 \x01(\t\x12\x13\n\x0bnum_threads\x18\x08 \x01(\x05\x12\x10\n\x08requests\x18\t \x01(\x03\x12\x0e\n\x06tokens\x18\n \x01(\x03\x12\x17\n\x0f\x63ompute_seconds\x18\x0b \x01(\x01\x12\x12\n\nlast_epoch\x18\x0c \x01(\x03\x32\xae\x02\n\rExpertService\x12\x42\n\x07\x43ompute\x12\x1a.moeyard.v1.ComputeRequest\x1a\x1b.moeyard.v1.ComputeResponse\x12H\n\tLoadSlots\x12\x1c.moeyard.v1.LoadSlotsRequest\x1a\x1d.moeyard.v1.LoadSlotsResponse\x12N\n\x0bUnloadSlots\x12\x1e.moeyard.v1.UnloadSlotsRequest\x1a\x1f.moeyard.v1.UnloadSlotsResponse\x12?\n\x06Status\x12\x19.moeyard.v1.StatusRequest\x1a\x1a.moeyard.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,27 +34,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR']._serialized_start=39
   _globals['_TENSOR']._serialized_end=91
   _globals['_COMPUTEREQUEST']._serialized_start=94
-  _globals['_COMPUTEREQUEST']._serialized_end=273
-  _globals['_COMPUTERESPONSE']._serialized_start=275
-  _globals['_COMPUTERESPONSE']._serialized_end=371
-  _globals['_SLOTASSIGNMENT']._serialized_start=373
-  _globals['_SLOTASSIGNMENT']._serialized_end=438
-  _globals['_LOADSLOTSREQUEST']._serialized_start=440
-  _globals['_LOADSLOTSREQUEST']._serialized_end=516
-  _globals['_LOADSLOTSRESPONSE']._serialized_start=518
-  _globals['_LOADSLOTSRESPONSE']._serialized_end=603
-  _globals['_SLOTREF']._serialized_start=605
-  _globals['_SLOTREF']._serialized_end=679
-  _globals['_UNLOADSLOTSREQUEST']._serialized_start=681
-  _globals['_UNLOADSLOTSREQUEST']._serialized_end=737
-  _globals['_UNLOADSLOTSRESPONSE']._serialized_start=739
-  _globals['_UNLOADSLOTSRESPONSE']._serialized_end=806
-  _globals['_STATUSREQUEST']._serialized_start=808
-  _globals['_STATUSREQUEST']._serialized_end=823
-  _globals['_LAYERSLOTS']._serialized_start=825
-  _globals['_LAYERSLOTS']._serialized_end=891
-  _globals['_STATUSRESPONSE']._serialized_start=894
-  _globals['_STATUSRESPONSE']._serialized_end=1154
-  _globals['_EXPERTSERVICE']._serialized_start=1157
-  _globals['_EXPERTSERVICE']._serialized_end=1459
+  _globals['_COMPUTEREQUEST']._serialized_end=286
+  _globals['_COMPUTERESPONSE']._serialized_start=288
+  _globals['_COMPUTERESPONSE']._serialized_end=397
+  _globals['_SLOTASSIGNMENT']._serialized_start=399
+  _globals['_SLOTASSIGNMENT']._serialized_end=464
+  _globals['_LOADSLOTSREQUEST']._serialized_start=466
+  _globals['_LOADSLOTSREQUEST']._serialized_end=542
+  _globals['_LOADSLOTSRESPONSE']._serialized_start=544
+  _globals['_LOADSLOTSRESPONSE']._serialized_end=629
+  _globals['_SLOTREF']._serialized_start=631
+  _globals['_SLOTREF']._serialized_end=705
+  _globals['_UNLOADSLOTSREQUEST']._serialized_start=707
+  _globals['_UNLOADSLOTSREQUEST']._serialized_end=763
+  _globals['_UNLOADSLOTSRESPONSE']._serialized_start=765
+  _globals['_UNLOADSLOTSRESPONSE']._serialized_end=832
+  _globals['_STATUSREQUEST']._serialized_start=834
+  _globals['_STATUSREQUEST']._serialized_end=849
+  _globals['_LAYERSLOTS']._serialized_start=851
+  _globals['_LAYERSLOTS']._serialized_end=917
+  _globals['_STATUSRESPONSE']._serialized_start=920
+  _globals['_STATUSRESPONSE']._serialized_end=1180
+  _globals['_EXPERTSERVICE']._serialized_start=1183
+  _globals['_EXPERTSERVICE']._serialized_end=1485
 # @@protoc_insertion_point(module_scope)

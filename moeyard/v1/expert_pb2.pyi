@@ -17,7 +17,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ComputeRequest(_message.Message):
-    __slots__ = ("moe_layer", "epoch", "slot_ids", "counts", "hidden", "experts", "wire_version", "token_rows")
+    __slots__ = ("moe_layer", "epoch", "slot_ids", "counts", "hidden", "experts", "wire_version", "token_rows", "pad")
     MOE_LAYER_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SLOT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class ComputeRequest(_message.Message):
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     WIRE_VERSION_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ROWS_FIELD_NUMBER: _ClassVar[int]
+    PAD_FIELD_NUMBER: _ClassVar[int]
     moe_layer: int
     epoch: int
     slot_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -34,17 +35,20 @@ class ComputeRequest(_message.Message):
     experts: _containers.RepeatedScalarFieldContainer[int]
     wire_version: int
     token_rows: bytes
-    def __init__(self, moe_layer: _Optional[int] = ..., epoch: _Optional[int] = ..., slot_ids: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., experts: _Optional[_Iterable[int]] = ..., wire_version: _Optional[int] = ..., token_rows: _Optional[bytes] = ...) -> None: ...
+    pad: bytes
+    def __init__(self, moe_layer: _Optional[int] = ..., epoch: _Optional[int] = ..., slot_ids: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., experts: _Optional[_Iterable[int]] = ..., wire_version: _Optional[int] = ..., token_rows: _Optional[bytes] = ..., pad: _Optional[bytes] = ...) -> None: ...
 
 class ComputeResponse(_message.Message):
-    __slots__ = ("output", "compute_seconds", "shard_id")
+    __slots__ = ("output", "compute_seconds", "shard_id", "pad")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    PAD_FIELD_NUMBER: _ClassVar[int]
     output: Tensor
     compute_seconds: float
     shard_id: int
-    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., shard_id: _Optional[int] = ...) -> None: ...
+    pad: bytes
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., shard_id: _Optional[int] = ..., pad: _Optional[bytes] = ...) -> None: ...
 
 class SlotAssignment(_message.Message):
     __slots__ = ("moe_layer", "slot", "expert")

@@ -200,3 +200,45 @@ def test_live_migration_old_and_new_routers_then_stale_placement(hf_models):
                 run(new, t, 0)
     finally:
         server.stop(0)
+
+
+@pytest.mark.parametrize("wire", [None, torch.bfloat16])
+def test_a_layer_crosses_to_the_host_in_one_buffer(wire):
+    """stage_to_host (the accelerator path, here from host tensors, unpinned): every batch's token rows and
+    hidden states are views of one buffer, each aligned to its element size, equal to what was staged."""
+    from moeyard.router_service.grpc_transport import stage_to_host
+    from moeyard.router_service.transport import ShardBatch
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 12, generator=g)
+    batches = [ShardBatch(0, [0, 1], [3, 2], x[:3], [0, 1], token_rows=torch.tensor([0, 1, 2, 0, 2])),
+               ShardBatch(1, [5], [4], x[3:], [5]),
+               ShardBatch(2, [6], [1], x[5:6], [2], token_rows=torch.tensor([0]))]
+    out = stage_to_host(batches, wire, pin=False)
+    base = out[0][0].untyped_storage().data_ptr()
+    for b, (h, r) in zip(batches, out):
+        assert h.untyped_storage().data_ptr() == base
+        assert torch.equal(h, b.hidden.to(wire or b.hidden.dtype)) and h.data_ptr() % h.element_size() == 0
+        if b.token_rows is None:
+            assert r is None
+        else:
+            assert r.dtype == torch.int32 and r.tolist() == b.token_rows.tolist()
+            assert r.untyped_storage().data_ptr() == base and r.data_ptr() % 4 == 0
+
+
+def test_the_layers_answers_arrive_in_one_host_buffer(cluster):
+    """The transport writes each shard's rows into one [N, D] buffer, in batch order (one copy to the
+    device in combine), equal to the shards' own answers."""
+    from moeyard.router_service.transport import LayerOutputs
+
+    spec, placement, transport = cluster["spec"], cluster["placement"], cluster["transport"]
+    x = torch.randn(5, spec.hidden_size, generator=torch.Generator().manual_seed(3))
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7], [1, 6]])
+    _, batches = plan_dispatch(x, ids, placement, 0)
+    outs = transport.submit(0, batches, placement.epoch).result(30)
+    assert isinstance(outs, LayerOutputs) and outs.flat.shape == (10, spec.hidden_size)
+    assert torch.equal(torch.cat(list(outs)), outs.flat)
+    for b, o in zip(batches, outs):
+        direct, _ = cluster["servers"][b.shard].compute(0, b.slot_ids, b.counts, b.hidden, placement.epoch,
+                                                        b.experts, token_rows=b.token_rows)
+        assert torch.equal(o, direct)
