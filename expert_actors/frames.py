@@ -171,16 +171,7 @@ def _decode_small(raw: bytes, message_cls: type[M], tensor_field: int, blob_fiel
     """:func:`decode` by protobuf itself (the payload and blobs copied out of the message)."""
     msg = message_cls.FromString(raw)
     by_number = message_cls.DESCRIPTOR.fields_by_number
-    blobs = {}
-    for fno in blob_fields:
-        name = by_number[fno].name
-        blobs[fno] = memoryview(getattr(msg, name))
-        msg.ClearField(name)
-    msg.ClearField(by_number[PAD_FIELD].name) if PAD_FIELD in by_number else None
-    payload = b""
-    sub_name = by_number[tensor_field].name
-    if msg.HasField(sub_name):
-        sub = getattr(msg, sub_name)
-        payload = sub.data
-        sub.ClearField("data")
-    return Decoded(msg, memoryview(payload), -1, blobs)
+    blobs = {fno: memoryview(getattr(msg, by_number[fno].name)) for fno in blob_fields}
+    sub = getattr(msg, by_number[tensor_field].name)
+    # the copies of the payload and blobs stay in the message too (clearing them costs more than they do)
+    return Decoded(msg, memoryview(sub.data), -1, blobs)
