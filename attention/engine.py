@@ -25,7 +25,8 @@ from moeyard.attention.sampler import sample
 from moeyard.attention.scheduler import Scheduler, SchedulerConfig
 from moeyard.attention.sequence import RequestError, RequestOutput, SamplingParams, Sequence
 from moeyard.attention.tokenizer import TextTokenizer, load_tokenizer
-from moeyard.attention.weights import load_attention_weights
+from moeyard.attention.weights import load_attention_weights, pack_linears
+from moeyard.model.cpu_matmul import MatmulMode, resolve_matmul
 from moeyard.model.checkpoint import CheckpointReader
 from moeyard.model.devices import host_tensor_to, resolve_device
 from moeyard.model.dtypes import resolve_dtype
@@ -64,6 +65,10 @@ class EngineConfig:
     """The paged-attention kernel (:mod:`moeyard.attention.paged`): ``auto`` (Triton on CUDA where it is
     installed, else ``paged``), ``paged`` (torch, tile by tile through the block tables), ``triton``,
     or ``gather`` (the reference: whole contexts gathered, MLA expanded)."""
+    cpu_matmul: MatmulMode = "auto"
+    """The CPU's matmul kernel for the projections, LM head and (in-process) experts
+    (:mod:`moeyard.model.cpu_matmul`): ``packed`` (weights in oneDNN's layout, bf16/fp16 on AVX-512 and
+    up), ``plain`` (torch's matmul), ``auto`` (``packed`` where it applies)."""
     expert_restart_wait_s: float = 0.0
     """With a remote transport: how long a step waits for a dead shard to come back when
     some expert it held has no other copy (0: fail the requests routed to it at once)."""
@@ -71,14 +76,14 @@ class EngineConfig:
 
 def build_local_experts(model_dir: str | Path, spec: ModelSpec, placement: Placement, dtype: torch.dtype,
                         reader: CheckpointReader | None = None,
-                        device: torch.device | str = "cpu") -> InProcessTransport:
+                        device: torch.device | str = "cpu", matmul: MatmulMode = "auto") -> InProcessTransport:
     """Load every shard of ``placement`` into this process, on ``device`` (the in-process transport)."""
     from moeyard.expert_actors.slots import ExpertSlots
 
     reader = reader or CheckpointReader(model_dir)
     shards = {}
     for shard in range(placement.num_shards):
-        slots = ExpertSlots(spec, dtype, device)
+        slots = ExpertSlots(spec, dtype, device, matmul=matmul)
         for moe_layer, pairs in placement.shard_slots(shard).items():
             slots.load(reader, moe_layer, pairs)
         shards[shard] = slots
@@ -96,7 +101,8 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, spec.torch_dtype)
         self.device = resolve_device(config.device)
         self.reader = CheckpointReader(model_dir)
-        weights = load_attention_weights(self.reader, spec, self.dtype, self.device)
+        self.matmul = resolve_matmul(config.cpu_matmul, self.dtype, self.device)
+        weights = pack_linears(load_attention_weights(self.reader, spec, self.dtype, self.device), self.matmul)
         self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
         num_blocks = config.num_blocks or max(
             1, config.kv_cache_bytes // bytes_per_block(spec, config.block_size, self.dtype))
@@ -114,7 +120,8 @@ class LLMEngine:
             self.placement = placement or round_robin_placement(spec.num_moe_layers, spec.moe.num_experts, 1)
             self.placement.validate(spec.moe.num_experts)
             if transport is None:
-                transport = build_local_experts(model_dir, spec, self.placement, self.dtype, device=self.device)
+                transport = build_local_experts(model_dir, spec, self.placement, self.dtype, device=self.device,
+                                                matmul=config.cpu_matmul)
             dispatcher = ExpertDispatcher(self.placement, transport, restart_wait_s=config.expert_restart_wait_s)
             router = MoERouter(gate_cfg, gates, dispatcher)
         self.router = router

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from moeyard.model.checkpoint import CheckpointReader
+from moeyard.model.cpu_matmul import Weight, pack
 from moeyard.model.spec import ModelSpec
 from moeyard.model.weight_names import (
     FFNNames,
@@ -25,17 +26,17 @@ from moeyard.model.weight_names import (
 
 @dataclass
 class FFNWeights:
-    gate: torch.Tensor  # [I, D]
-    up: torch.Tensor    # [I, D]
-    down: torch.Tensor  # [D, I]
+    gate: Weight  # [I, D]
+    up: Weight    # [I, D]
+    down: Weight  # [D, I]
 
 
 @dataclass
 class GQAWeights:
-    q: torch.Tensor      # [H*hd, D]
-    k: torch.Tensor      # [KV*hd, D]
-    v: torch.Tensor      # [KV*hd, D]
-    o: torch.Tensor      # [D, H*hd]
+    q: Weight      # [H*hd, D]
+    k: Weight      # [KV*hd, D]
+    v: Weight      # [KV*hd, D]
+    o: Weight      # [D, H*hd]
     q_bias: torch.Tensor | None = None
     k_bias: torch.Tensor | None = None
     v_bias: torch.Tensor | None = None
@@ -46,14 +47,14 @@ class GQAWeights:
 
 @dataclass
 class MLAWeights:
-    q_proj: torch.Tensor | None        # [H*qk, D] when q_lora_rank is None
-    q_a: torch.Tensor | None           # [q_lora, D]
+    q_proj: Weight | None              # [H*qk, D] when q_lora_rank is None
+    q_a: Weight | None                 # [q_lora, D]
     q_a_norm: torch.Tensor | None      # [q_lora]
-    q_b: torch.Tensor | None           # [H*qk, q_lora]
-    kv_a: torch.Tensor                 # [kv_lora + rope, D]
+    q_b: Weight | None                 # [H*qk, q_lora]
+    kv_a: Weight                       # [kv_lora + rope, D]
     kv_a_norm: torch.Tensor            # [kv_lora]
     kv_b: torch.Tensor                 # [H*(nope+v), kv_lora]
-    o: torch.Tensor                    # [D, H*v]
+    o: Weight                          # [D, H*v]
     kv_b_k: torch.Tensor | None = None  # [H, nope, kv_lora]: kv_b's key rows per head (absorbed into the query)
     kv_b_v: torch.Tensor | None = None  # [H, kv_lora, v]: kv_b's value rows per head, transposed (absorbed into o)
     q_a_bias: torch.Tensor | None = None
@@ -82,7 +83,7 @@ class LayerWeights:
 class AttentionModelWeights:
     embed: torch.Tensor    # [V, D]
     final_norm: torch.Tensor
-    lm_head: torch.Tensor  # [V, D]
+    lm_head: Weight  # [V, D]
     layers: list[LayerWeights]
 
 
@@ -192,3 +193,25 @@ def load_attention_weights(reader: CheckpointReader, spec: ModelSpec, dtype: tor
         lm_head = reader.get("lm_head.weight", (v, d), dtype)
     return AttentionModelWeights(embed=embed, final_norm=reader.get("model.norm.weight", (d,), dtype),
                                  lm_head=lm_head, layers=layers)
+
+
+def pack_linears(weights: AttentionModelWeights, kernel: str) -> AttentionModelWeights:
+    """Every projection the decode step multiplies by (attention, dense and shared-expert MLPs, the LM
+    head) as ``kernel`` (:func:`~moeyard.model.cpu_matmul.resolve_matmul`) runs it: prepacked for oneDNN
+    in place of the plain tensor, or left as it is. The embedding (a lookup), norms, biases, routers and
+    MLA's ``kv_b`` (read per head by the absorbed path, whole only by the reference path) stay plain.
+    A tied LM head gets its own packed copy; the embedding stays the lookup table."""
+    if kernel != "packed":
+        return weights
+    for lw in weights.layers:
+        a = lw.attn
+        if isinstance(a, GQAWeights):
+            a.q, a.k, a.v, a.o = pack(a.q, kernel), pack(a.k, kernel), pack(a.v, kernel), pack(a.o, kernel)
+        else:
+            a.q_proj, a.q_a, a.q_b = pack(a.q_proj, kernel), pack(a.q_a, kernel), pack(a.q_b, kernel)
+            a.kv_a, a.o = pack(a.kv_a, kernel), pack(a.o, kernel)
+        for ffn in (lw.mlp, lw.moe.shared if lw.moe else None):
+            if ffn is not None:
+                ffn.gate, ffn.up, ffn.down = pack(ffn.gate, kernel), pack(ffn.up, kernel), pack(ffn.down, kernel)
+    weights.lm_head = pack(weights.lm_head, kernel)
+    return weights

@@ -97,6 +97,10 @@ class ClusterConfig(BaseModel):
                           "per step")
     wire_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     torch_threads: int = Field(1, ge=1, description="torch threads per process (shards and replicas)")
+    cpu_matmul: Literal["auto", "packed", "plain"] = Field(
+        "auto", description="CPU matmul kernel of replicas and shards (model/cpu_matmul.py): 'packed' keeps "
+                            "bf16/fp16 weights in oneDNN's blocked layout (AVX-512 and up), 'plain' uses torch's "
+                            "matmul, 'auto' packs where it applies")
     engine: EngineSettings = EngineSettings()
 
     api_host: str = "127.0.0.1"

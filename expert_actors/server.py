@@ -55,6 +55,7 @@ from moeyard.expert_actors.wire import (
     tensor_from_bytes,
 )
 from moeyard.model.checkpoint import CheckpointError, CheckpointReader
+from moeyard.model.cpu_matmul import MatmulMode
 from moeyard.model.devices import resolve_device
 from moeyard.model.dtypes import resolve_dtype
 from moeyard.model.spec import ModelSpec, load_spec
@@ -121,6 +122,7 @@ class ExpertServer:
             GPU); requests and answers cross the wire through host memory.
         reader: where the expert tensors come from (default: a ``CheckpointReader`` of ``model_dir``;
             benchmarks pass one that makes full-size random weights on the device).
+        matmul: the CPU's matmul kernel for the experts (``ExpertSlots``).
     """
 
     def __init__(self, shard_id: int, spec: ModelSpec | None, model_dir: str | Path, dtype: torch.dtype | str,
@@ -128,7 +130,7 @@ class ExpertServer:
                  port: int = 0, num_threads: int | None = None, server_credentials=None, *,
                  max_workers: int = 8, max_message_bytes: int = EXPERT_MAX_MESSAGE_BYTES,
                  advertise_host: str | None = None, device: str | torch.device = "auto",
-                 reader: CheckpointReader | None = None):
+                 reader: CheckpointReader | None = None, matmul: MatmulMode = "auto"):
         self.shard_id = int(shard_id)
         self.model_dir = Path(model_dir)
         self.spec = spec if spec is not None else load_spec(model_dir)
@@ -139,7 +141,7 @@ class ExpertServer:
         if num_threads:
             torch.set_num_threads(int(num_threads))
         self.reader = reader if reader is not None else CheckpointReader(self.model_dir)
-        self.slots = ExpertSlots(self.spec, self.dtype, self.device)
+        self.slots = ExpertSlots(self.spec, self.dtype, self.device, matmul=matmul)
         self._compute_lock = threading.Lock()  # serialises grouped FFNs; slot changes do not take it
         self._stats_lock = threading.Lock()
         self.requests = 0

@@ -34,6 +34,7 @@ from typing import Literal
 import torch
 
 from moeyard.model.checkpoint import CheckpointReader
+from moeyard.model.cpu_matmul import MatmulMode, PackedLinear, resolve_matmul
 from moeyard.model.ffn import gemm_shapes_ok, grouped_gemm_supported, grouped_swiglu, grouped_swiglu_gemm
 from moeyard.model.spec import ModelSpec
 from moeyard.model.weight_names import expert_names
@@ -94,14 +95,14 @@ class SlotTable:
     keys: tuple[tuple[int, int], ...] = ()
     row_of: dict[tuple[int, int], int] = field(default_factory=dict)
     held: dict[int, tuple[int, ...]] = field(default_factory=dict)
-    w13: torch.Tensor | None = None
-    w2: torch.Tensor | None = None
+    w13: torch.Tensor | list[PackedLinear | None] | None = None
+    w2: torch.Tensor | list[PackedLinear | None] | None = None
+    copy_bytes: int = 0
+    """Bytes of one copy (its ``w13`` and ``w2`` rows)."""
 
     def nbytes(self) -> int:
         """Bytes of the copies held (the storage's spare rows not counted)."""
-        if self.w13 is None or not self.keys:
-            return 0
-        return len(self.keys) * (self.w13[0].nbytes + self.w2[0].nbytes)
+        return len(self.keys) * self.copy_bytes
 
     def rows(self, slot_ids: Sequence[int], experts: Sequence[int]) -> list[int]:
         """Storage rows for ``slot_ids``, slot ``slot_ids[i]`` holding logical expert ``experts[i]``.
@@ -122,20 +123,33 @@ class SlotTable:
 class LayerStorage:
     """One MoE layer's stacked expert weights on one shard and which rows are free.
 
-    Not thread-safe: :class:`ExpertSlots` calls it under its admin lock.
+    ``packed``: each row is a pair of :class:`~moeyard.model.cpu_matmul.PackedLinear` (oneDNN's layout,
+    built per copy) in a list instead of a slice of a stacked tensor; a list grows without copying the
+    rows held. Not thread-safe: :class:`ExpertSlots` calls it under its admin lock.
     """
 
-    def __init__(self, inter: int, hidden: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, inter: int, hidden: int, dtype: torch.dtype, device: torch.device, packed: bool = False):
         self.inter, self.hidden, self.dtype, self.device = inter, hidden, dtype, device
-        self.w13: torch.Tensor | None = None
-        self.w2: torch.Tensor | None = None
+        self.packed = packed
+        self.w13: torch.Tensor | list[PackedLinear | None] | None = [] if packed else None
+        self.w2: torch.Tensor | list[PackedLinear | None] | None = [] if packed else None
         self.free: list[int] = []
         self.retired: list[tuple[int, int]] = []
         """``(generation, row)``: rows released by the swap to ``generation``, not yet reusable."""
 
     @property
+    def copy_bytes(self) -> int:
+        return 3 * self.inter * self.hidden * self.dtype.itemsize
+
+    @property
     def capacity(self) -> int:
-        return 0 if self.w13 is None else self.w13.shape[0]
+        return 0 if self.w13 is None else len(self.w13)
+
+    def nbytes(self) -> int:
+        """Bytes the storage holds: every row of the stack, or the packed rows written."""
+        if self.packed:
+            return sum(w is not None for w in self.w13) * self.copy_bytes
+        return self.capacity * self.copy_bytes
 
     def reserve(self, need: int, spare: int) -> None:
         """Make room for ``need`` new rows (growing by half again plus ``spare`` when short: the one
@@ -144,6 +158,11 @@ class LayerStorage:
             return
         old = self.capacity
         cap = max(old + need - len(self.free) + spare, old + old // 2)
+        if self.packed:  # a list grows in place: tables that share it only ever read their own rows
+            self.w13.extend([None] * (cap - old))
+            self.w2.extend([None] * (cap - old))
+            self.free.extend(range(old, cap))
+            return
         w13 = torch.empty(cap, 2 * self.inter, self.hidden, dtype=self.dtype, device=self.device)
         w2 = torch.empty(cap, self.hidden, self.inter, dtype=self.dtype, device=self.device)
         if old:
@@ -156,6 +175,9 @@ class LayerStorage:
         return self.free.pop(0)
 
     def write(self, row: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        if self.packed:
+            self.w13[row], self.w2[row] = PackedLinear(w13), PackedLinear(w2)
+            return
         self.w13[row].copy_(w13)
         self.w2[row].copy_(w2)
 
@@ -165,6 +187,8 @@ class LayerStorage:
         for gen, row in self.retired:
             if oldest_in_use is None or oldest_in_use >= gen:
                 self.free.append(row)
+                if self.packed:  # nothing reads it any more: its memory goes back now
+                    self.w13[row] = self.w2[row] = None
             else:
                 keep.append((gen, row))
         self.retired = keep
@@ -182,10 +206,13 @@ class ExpertSlots:
             the CPU's row buckets), ``auto``: grouped where the device and dtype support it and the
             device is not the CPU (on CPUs torch's grouped GEMM runs the loop's kernels, measured no
             faster, and without the row buckets that keep oneDNN's kernel cache small).
+        matmul: the CPU's matmul kernel (:mod:`moeyard.model.cpu_matmul`): ``packed`` keeps each copy in
+            oneDNN's layout (the loop then runs on those), ``plain`` the stacked tensors, ``auto``
+            ``packed`` where it applies.
     """
 
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device | str = "cpu",
-                 spare_rows: int = SPARE_ROWS, gemm: GemmMode = "auto"):
+                 spare_rows: int = SPARE_ROWS, gemm: GemmMode = "auto", matmul: MatmulMode = "auto"):
         if spec.moe is None:
             raise ValueError("model has no MoE layers; there are no experts to hold")
         if gemm not in ("auto", "grouped", "loop"):
@@ -195,8 +222,13 @@ class ExpertSlots:
         self.device = torch.device(device)
         self.spare_rows = spare_rows
         self.gemm = gemm
+        self.matmul = resolve_matmul("plain" if matmul == "auto" and gemm == "grouped" else matmul, dtype,
+                                     self.device)
+        if self.matmul == "packed" and gemm == "grouped":
+            raise ValueError("gemm 'grouped' needs the stacked weights; matmul 'packed' keeps each copy apart")
         inter, d = spec.moe.intermediate_size, spec.hidden_size
-        self._storage = {i: LayerStorage(inter, d, dtype, self.device) for i in range(spec.num_moe_layers)}
+        self._storage = {i: LayerStorage(inter, d, dtype, self.device, packed=self.matmul == "packed")
+                         for i in range(spec.num_moe_layers)}
         self._tables: dict[int, SlotTable] = {i: SlotTable(i) for i in range(spec.num_moe_layers)}
         self._admin_lock = threading.Lock()  # serialises load/unload; compute never takes it
         self._generation = 0
@@ -225,12 +257,12 @@ class ExpertSlots:
         return sum(t.nbytes() for t in list(self._tables.values()))
 
     def reserved_bytes(self) -> int:
-        """Bytes of the stacked storage, spare rows included."""
-        return sum(0 if st.w13 is None else st.w13.nbytes + st.w2.nbytes for st in self._storage.values())
+        """Bytes of the stacked storage, spare rows included (packed: the rows written)."""
+        return sum(st.nbytes() for st in self._storage.values())
 
     def uses_grouped_gemm(self) -> bool:
         """Whether :meth:`compute` runs one grouped GEMM per projection (else the per-row loop)."""
-        if self.gemm == "loop":
+        if self.gemm == "loop" or self.matmul == "packed":
             return False
         moe = self.spec.moe
         ok = gemm_shapes_ok(self.spec.hidden_size, moe.intermediate_size, self.dtype) and \
@@ -333,9 +365,19 @@ class ExpertSlots:
                     nbytes += w13.nbytes + w2.nbytes
                 st.retired.extend((gen, r) for r in released)
                 new[layer] = SlotTable(layer, gen, tuple(sorted(row_of)), row_of,
-                                       {s: tuple(es) for s, es in sorted(held.items()) if es}, st.w13, st.w2)
+                                       {s: tuple(es) for s, es in sorted(held.items()) if es}, st.w13, st.w2,
+                                       st.copy_bytes)
             self._swap(new)
+            self._recycle(new)
         return nbytes
+
+    def _recycle(self, layers: Iterable[int]) -> None:
+        """After a swap: rows released by it that no running compute can still read become free (a packed
+        copy's memory goes back at once). A compute takes its table and counts itself running under one
+        lock, so one that started before the swap holds its rows until it ends."""
+        oldest = self._oldest_running()
+        for layer in layers:
+            self._storage[layer].recycle(oldest)
 
     def unload(self, moe_layer: int, slots: Iterable[int | tuple[int, int | None]]) -> int:
         """Release slots of one MoE layer; returns how many refs released a copy.
@@ -384,8 +426,9 @@ class ExpertSlots:
                     st.retired.extend((gen, r) for r in released)
                     new[layer] = SlotTable(layer, gen, tuple(sorted(row_of)), row_of,
                                            {s: tuple(es) for s, es in sorted(held.items()) if es},
-                                           st.w13, st.w2)
+                                           st.w13, st.w2, st.copy_bytes)
                 self._swap(new)
+                self._recycle(new)
         return n
 
     # -- computing ----------------------------------------------------------------------

@@ -31,19 +31,20 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from moeyard.model.cpu_matmul import Weight, linear
 from moeyard.model.devices import host_tensor_to
 
 
-def grouped_swiglu(x: torch.Tensor, counts: list[int] | torch.Tensor, w13: torch.Tensor | Sequence[torch.Tensor],
-                   w2: torch.Tensor | Sequence[torch.Tensor], slot_index: list[int] | None = None) -> torch.Tensor:
+def grouped_swiglu(x: torch.Tensor, counts: list[int] | torch.Tensor, w13: torch.Tensor | Sequence[Weight],
+                   w2: torch.Tensor | Sequence[Weight], slot_index: list[int] | None = None) -> torch.Tensor:
     """Apply slot ``s``'s expert FFN to its segment of ``x``.
 
     Args:
         x: ``[N, D]`` tokens sorted by slot (segment ``s`` has ``counts[s]`` rows).
         counts: ``[S]`` rows per slot, summing to ``N``.
         w13: ``[S, 2I, D]`` gate and up projections stacked (gate first), or a
-            sequence of ``S`` tensors ``[2I, D]`` (a shard's slots, each in its own storage).
-        w2: ``[S, D, I]`` down projections, or ``S`` tensors ``[D, I]``.
+            sequence of ``S`` weights ``[2I, D]`` (tensors, or :class:`PackedLinear` for oneDNN).
+        w2: ``[S, D, I]`` down projections, or ``S`` weights ``[D, I]``.
         slot_index: optional ``[S']``: segment ``s`` uses weights ``slot_index[s]``
             (``len(counts) == S'``); without it segment ``s`` uses weights ``s``.
 
@@ -72,9 +73,9 @@ def grouped_swiglu(x: torch.Tensor, counts: list[int] | torch.Tensor, w13: torch
         else:
             seg = torch.cat([x[start:start + n], x.new_zeros(m - n, x.shape[1])])
         w = slot_index[s]
-        h = seg @ w13[w].t()
+        h = linear(seg, w13[w])
         act = F.silu(h[:, :inter]) * h[:, inter:]
-        y = act @ w2[w].t()
+        y = linear(act, w2[w])
         out[start:start + n] = y[:n] if m != n else y
         start += n
     return out
@@ -170,17 +171,17 @@ def uses_row_buckets(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
 
 
-def linear_rows(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+def linear_rows(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` over ``x [T, K]`` run at :func:`bucket_rows` ``(T)`` rows where that matters (bf16 on
     CPU, see the module docstring): the token count of an engine step varies from step to step, and
     each new count would compile (and keep) another oneDNN kernel. Returns ``[T, N]``."""
     t = x.shape[0]
     if x.dim() != 2 or not uses_row_buckets(x) or bucket_rows(t) == t:
-        return F.linear(x, w, b)
+        return linear(x, w, b)
     padded = torch.cat([x, x.new_zeros(bucket_rows(t) - t, x.shape[1])])
-    return F.linear(padded, w, b)[:t]
+    return linear(padded, w, b)[:t]
 
 
-def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+def swiglu(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> torch.Tensor:
     """Dense SwiGLU MLP: ``x [T, D]``, ``gate/up [I, D]``, ``down [D, I]`` -> ``[T, D]``."""
     return linear_rows(F.silu(linear_rows(x, gate)) * linear_rows(x, up), down)

@@ -8,6 +8,7 @@ from safetensors import safe_open
 
 from moeyard.expert_actors.slots import ExpertSlots
 from moeyard.model.checkpoint import CheckpointReader
+from moeyard.model.cpu_matmul import packed_supported
 from moeyard.model.spec import load_spec
 from tests.model.test_ffn import _ffn_ref_token
 
@@ -109,3 +110,37 @@ def test_grouped_gemm_shard_equals_the_loop_shard(hf_models, dtype, rtol):
 def test_auto_gemm_on_the_cpu_is_the_loop(hf_models):
     ckpt, _ = hf_models("mixtral")
     assert not ExpertSlots(load_spec(ckpt), torch.bfloat16).uses_grouped_gemm()
+
+
+PACKED = [m for m in ("packed",) if packed_supported(torch.bfloat16) is None]
+"""The packed kernel where this CPU runs it (AVX-512 and up)."""
+
+
+@pytest.mark.parametrize("matmul", PACKED)
+def test_packed_copies_equal_the_stack_through_loads_stages_and_unloads(hf_models, matmul):
+    """bf16 experts kept in oneDNN's layout, one pair per copy: the same outputs as the stacked weights,
+    through a staged copy, an unload and a reload; a released copy's memory goes back."""
+    ckpt, _ = hf_models("mixtral")
+    spec = load_spec(ckpt)
+    reader = CheckpointReader(ckpt)
+    shards = {m: ExpertSlots(spec, torch.bfloat16, matmul=m) for m in ("plain", matmul)}
+    x = torch.randn(9, spec.hidden_size, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    batch = ([9, 10, 10, 11, 12], [2, 3, 0, 1, 3], [5, 6, 2, 7, 5])
+    for s in shards.values():
+        s.load(reader, 1, [(9, 5), (10, 2), (11, 7), (12, 5)])
+        s.load(reader, 1, [(10, 6)], stage=True)
+    got, want = (shards[m].compute(1, *batch[:2], x, batch[2]) for m in (matmul, "plain"))
+    assert torch.equal(got, want)
+    packed = shards[matmul]
+    assert isinstance(packed.table(1).w13, list) and packed.nbytes() == shards["plain"].nbytes()
+    copy = 3 * spec.moe.intermediate_size * spec.hidden_size * 2
+    assert packed.reserved_bytes() == 5 * copy                      # the copies written, no spare rows
+    for s in shards.values():
+        s.unload(1, [(10, 2)])
+        s.load(reader, 1, [(11, 3)])                                # replaces expert 7 (its row recycled)
+    assert packed.reserved_bytes() == 4 * copy                      # the released copies' memory went back
+    batch = ([9, 10, 11, 12], [2, 3, 1, 3], [5, 6, 3, 5])
+    got, want = (shards[m].compute(1, *batch[:2], x, batch[2]) for m in (matmul, "plain"))
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="matmul 'packed' keeps each copy apart"):
+        ExpertSlots(spec, torch.bfloat16, gemm="grouped", matmul=matmul)

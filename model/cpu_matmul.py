@@ -1,0 +1,124 @@
+"""Matmuls of linear layers on the CPU, chosen per instruction-set class.
+
+The instruction-set class (:func:`isa_class`): ``amx`` (AMX-BF16 tiles), ``avx512_bf16``, ``avx512``,
+``avx2`` or ``baseline``, from torch's own CPU probes.
+
+The kernels (:data:`MatmulMode`):
+
+* ``packed``: oneDNN with the weight reordered once, at load, into the blocked layout its kernels read
+  (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``: what ``torch.compile`` with
+  freezing does for CPU linears). A plain ``x @ w.t()`` in bf16 makes oneDNN copy ``w`` into that
+  layout on every call, so a memory-bound decode step reads its weights twice; prepacked, the bench
+  model's decode shapes run 1.5-1.9x faster on an AMX Xeon, with bit-identical results
+  (``docs/benchmarks.md``). For bf16 where oneDNN computes it natively or with AVX-512 conversions
+  (``torch.ops.mkldnn._is_mkldnn_bf16_supported``: AVX-512 and up).
+* ``plain``: torch's matmul. fp32 always runs here (MKL, the kernels ``transformers`` uses, so fp32
+  greedy parity stays exact; oneDNN's fp32 sums in another order), and so do fp16 and bf16 on CPUs
+  without oneDNN bf16 support (AVX2: torch's own bf16 kernels).
+
+``auto`` picks ``packed`` where it applies, else ``plain``. The packed weight replaces the plain one
+(no second copy): :class:`PackedLinear` holds it with its shape and dtype, and :func:`linear` runs
+either kind.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+MatmulMode = Literal["auto", "packed", "plain"]
+MATMUL_MODES: tuple[str, ...] = ("auto", "packed", "plain")
+IsaClass = Literal["amx", "avx512_bf16", "avx512", "avx2", "baseline"]
+
+_PACK_HINT_ROWS = 16
+"""The row count oneDNN's reorder is told to expect (measured: the layout serves every row count alike)."""
+
+
+def isa_class() -> IsaClass:
+    """This CPU's class, best first: AMX tiles, AVX-512 with BF16, AVX-512, AVX2, or neither."""
+    if torch.cpu._is_amx_tile_supported():
+        return "amx"
+    if torch.cpu._is_avx512_bf16_supported():
+        return "avx512_bf16"
+    if torch.cpu._is_avx512_supported():
+        return "avx512"
+    if torch.cpu._is_avx2_supported():
+        return "avx2"
+    return "baseline"
+
+
+def packed_supported(dtype: torch.dtype) -> str | None:
+    """None when ``dtype`` weights can be prepacked for oneDNN on this CPU, else why not."""
+    if dtype == torch.float32:
+        return "float32 runs on MKL's plain kernels (exact parity with transformers)"
+    if dtype != torch.bfloat16:
+        return f"no packed kernel for {str(dtype).removeprefix('torch.')} (bfloat16 only)"
+    if not torch.backends.mkldnn.is_available():
+        return "this torch build has no oneDNN"
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return f"oneDNN has no bfloat16 kernels on this CPU ({isa_class()})"
+    return None
+
+
+def resolve_matmul(mode: str, dtype: torch.dtype, device: torch.device | str) -> Literal["packed", "plain"]:
+    """The kernel ``mode`` means for ``dtype`` weights on ``device``; ValueError for an unknown mode or a
+    forced ``packed`` that cannot run here (the message says why)."""
+    if mode not in MATMUL_MODES:
+        raise ValueError(f"matmul must be one of {', '.join(MATMUL_MODES)}, got {mode!r}")
+    if mode == "plain":
+        return "plain"
+    if torch.device(device).type != "cpu":
+        if mode == "packed":
+            raise ValueError(f"matmul 'packed' is a CPU kernel; the weights are on {device}")
+        return "plain"
+    why = packed_supported(dtype)
+    if why is not None:
+        if mode == "packed":
+            raise ValueError(f"matmul 'packed' cannot run here: {why}")
+        return "plain"
+    return "packed"
+
+
+class PackedLinear:
+    """A linear weight ``[N, K]`` in oneDNN's blocked layout; ``self(x [T, K], bias [N]) -> [T, N]``.
+
+    Built once from the plain weight (which it does not keep). ``shape``, ``dtype`` and ``nbytes`` are
+    the plain weight's."""
+
+    __slots__ = ("packed", "shape", "dtype", "nbytes")
+
+    def __init__(self, weight: torch.Tensor):
+        if weight.dim() != 2 or weight.device.type != "cpu":
+            raise ValueError(f"PackedLinear needs a 2-D CPU weight, got {tuple(weight.shape)} on {weight.device}")
+        with torch.inference_mode(False):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _PACK_HINT_ROWS)
+        self.shape = weight.shape
+        self.dtype = weight.dtype
+        self.nbytes = weight.nbytes
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x if x.is_contiguous() else x.contiguous(), self.packed, bias,
+                                                  "none", [], "")
+
+    def __repr__(self) -> str:
+        return f"PackedLinear(shape={tuple(self.shape)}, dtype={self.dtype})"
+
+
+Weight = torch.Tensor | PackedLinear
+"""A linear layer's weight ``[N, K]``: plain, or packed for oneDNN."""
+
+
+def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for either kind of weight: ``x [T, K]`` -> ``[T, N]``."""
+    if isinstance(w, PackedLinear):
+        return w(x, b)
+    return F.linear(x, w, b)
+
+
+def pack(w: torch.Tensor | None, kernel: str) -> Weight | None:
+    """``w`` as the ``kernel`` (``resolve_matmul``'s answer) runs it: packed, or as it is."""
+    if w is None or kernel != "packed":
+        return w
+    return PackedLinear(w)
