@@ -26,8 +26,8 @@ from moeyard.attention.scheduler import Scheduler, SchedulerConfig
 from moeyard.attention.sequence import RequestError, RequestOutput, SamplingParams, Sequence
 from moeyard.attention.tokenizer import TextTokenizer, load_tokenizer
 from moeyard.attention.weights import load_attention_weights, pack_linears
-from moeyard.model.cpu_matmul import MatmulMode, resolve_matmul
 from moeyard.model.checkpoint import CheckpointReader
+from moeyard.model.cpu_matmul import MatmulMode, resolve_matmul
 from moeyard.model.devices import host_tensor_to, resolve_device
 from moeyard.model.dtypes import resolve_dtype
 from moeyard.model.spec import ModelSpec, load_spec

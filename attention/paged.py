@@ -13,7 +13,9 @@ the softmax runs in fp32.
   of blocks at a time with an online softmax (flash-decoding's recurrence), so no step ever holds a
   sequence's whole context: the only copy is the current tile, sized to stay near the caches
   (:data:`TILE_BYTES`), and the masks come from positions on the device, not from a dense mask built
-  on the host.
+  on the host. On CPUs each tile goes through torch's fused flash-attention kernel
+  (:func:`_paged_flash_cpu`, decode steps with a KV head's query heads folded into rows); elsewhere
+  through matmuls and the recurrence written out.
 - :func:`gather_attention` (``gather``): the reference; gathers each sequence's whole context into
   ``[B, C, KV, d]`` and masks it densely (the engine's path before the paged kernels; tests compare
   the others with it).
@@ -85,14 +87,26 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     scale: float, v_dim: int, tile_bytes: int | None = None) -> torch.Tensor:
     """Attention that reads ``k_cache``/``v_cache`` through the block tables, tile by tile, each within
     ``tile_bytes`` (:data:`TILE_BYTES` by default). ``[T, H, dv]``."""
+    if meta.num_tokens == 0:
+        return q.new_empty(0, q.shape[1], v_dim)
+    if q.device.type == "cpu":
+        long_q = meta.max_q > _SMALL_Q
+        return _paged_flash_cpu(q, k_cache, v_cache, meta, scale, v_dim,
+                                tile_bytes or (PREFILL_TILE_BYTES if long_q else TILE_BYTES))
+    return paged_recurrence(q, k_cache, v_cache, meta, scale, v_dim, tile_bytes)
+
+
+def paged_recurrence(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None, meta: AttnMeta,
+                     scale: float, v_dim: int, tile_bytes: int | None = None) -> torch.Tensor:
+    """:func:`paged_attention` written out: each tile's scores by matmul with a KV head's query heads as
+    rows, and flash-decoding's online-softmax recurrence across tiles (devices without a fused kernel
+    for it). ``[T, H, dv]``."""
     h, dq = q.shape[1], q.shape[2]
     kv = k_cache.shape[1]
     g = h // kv
     b, bs = meta.num_seqs, meta.block_size
     if meta.num_tokens == 0:
         return q.new_empty(0, h, v_dim)
-    if meta.max_q > _SMALL_Q and q.device.type == "cpu":
-        return _paged_flash_cpu(q, k_cache, v_cache, meta, scale, v_dim, tile_bytes or PREFILL_TILE_BYTES)
     qg = _fold_queries(q, meta, kv)                        # [B, KV, R, dq]
     rows = qg.shape[2]
     qrow = _row_positions(meta, g)                         # [B, 1, R, 1]
@@ -135,20 +149,31 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 def _paged_flash_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None, meta: AttnMeta,
                      scale: float, v_dim: int, tile_bytes: int) -> torch.Tensor:
-    """Steps with long queries (prefill chunks) on the CPU: torch's fused flash-attention kernel on each
-    tile of blocks, which also returns each row's log-sum-exp, and the tiles merged by it (the
-    flash-decoding merge), so scores are never materialised. The kernel maps query head ``h`` to key head
-    ``h // G`` itself (no repetition) and takes one mask row per query, shared by the heads. ``[T, H, dv]``."""
+    """Attention on the CPU by torch's fused flash-attention kernel on each tile of blocks, which also
+    returns each row's log-sum-exp, and the tiles merged by it (the flash-decoding merge), so scores are
+    never materialised. ``[T, H, dv]``.
+
+    Long queries (prefill chunks) run as ``[B, H, Q]`` rows, the kernel mapping query head ``h`` to key
+    head ``h // G`` itself. Short ones (decode) fold a KV head's ``G`` query heads into its rows
+    (``[B, KV, Q*G]``): the kernel then makes ``B * KV`` tasks of ``Q*G`` rows instead of ``B * H`` tasks
+    of ``Q``, which is what its per-task cost needs at one query per sequence. Either way one mask row
+    per query row, shared by the heads."""
     h, dq = q.shape[1], q.shape[2]
     kv = k_cache.shape[1]
     b, bs, qn = meta.num_seqs, meta.block_size, meta.max_q
-    qp = q[meta.tok_idx].transpose(1, 2)                   # [B, H, Q, dq]
-    qpos = meta.qpos.view(b, 1, qn, 1)
+    fold = qn <= _SMALL_Q
+    if fold:
+        qx = _fold_queries(q, meta, kv)                    # [B, KV, R, dq]
+        rowpos = _row_positions(meta, h // kv)             # [B, 1, R, 1]
+    else:
+        qx = q[meta.tok_idx].transpose(1, 2)               # [B, H, Q, dq]
+        rowpos = meta.qpos.view(b, 1, qn, 1)
+    rows = qx.shape[2]
     ctx = meta.ctx_lens.view(b, 1, 1, 1)
     kblocks = k_cache.view(-1, bs, kv, dq)
     vblocks = None if v_cache is None else v_cache.view(-1, bs, kv, v_cache.shape[-1])
     dv = dq if v_cache is None else v_cache.shape[-1]
-    per_token = b * kv * (dq + dv) * k_cache.element_size() + b * qn * q.element_size()   # K, V and the mask
+    per_token = b * kv * (dq + dv) * k_cache.element_size() + b * rows * q.element_size()   # K, V and the mask
     step = max(1, tile_bytes // (per_token * bs))
     n_blocks = -(-meta.max_ctx // bs)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -160,9 +185,9 @@ def _paged_flash_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         # the kernel wants one head size: MLA's values (the latent columns) ride along as the whole row
         vt = kt if vblocks is None else _tile(vblocks, ids).view(b, n, kv, -1).transpose(1, 2)
         kpos = torch.arange(j0 * bs, j0 * bs + n, device=q.device)
-        allowed = (kpos <= qpos) & (kpos < ctx)                          # [B, 1, Q, n]
+        allowed = (kpos <= rowpos) & (kpos < ctx)                        # [B, 1, rows, n]
         bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
-        out, lse = flash(qp, kt, vt, attn_mask=bias, scale=scale)       # [B, H, Q, dv'], [B, H, Q]
+        out, lse = flash(qx, kt, vt, attn_mask=bias, scale=scale)       # [B, *, rows, dv'], [B, *, rows]
         out = out[..., :v_dim] if vblocks is None else out
         if j0 == 0 and step >= n_blocks:
             acc = out
@@ -177,6 +202,8 @@ def _paged_flash_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             acc = acc * torch.exp(lse_all - safe) + out.float() * torch.exp(lse - safe)
             lse_all = new
         del kt, vt, bias, out
+    if fold:
+        return _unfold_rows(acc.to(q.dtype), meta, h)
     out = acc.to(q.dtype).transpose(1, 2).reshape(b * qn, h, v_dim)     # [B*Q, H, dv]
     return out.index_select(0, meta.valid_rows)
 

@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from bench.common import print_machine
+
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 TIMES: dict[str, float] = collections.defaultdict(float)
@@ -43,6 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--shards", type=int, default=4)
     args = ap.parse_args(argv)
+    print_machine()
     import ray
 
     import moeyard.attention.model_runner as mr

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from bench.common import ensure_bench_model, workload
+from bench.common import ensure_bench_model, print_machine, workload
 from bench.cpu_accounting import CpuMeter, cpu_by_role
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")
@@ -89,6 +89,7 @@ def main(argv=None) -> int:
                     help="cluster variants to run: off, on (adaptive overlap), always (every step split)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of every shard and replica process")
     args = ap.parse_args(argv)
+    print_machine()
     import ray
     from ray import serve
 

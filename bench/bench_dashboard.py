@@ -36,7 +36,7 @@ import torch
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import timed
+from bench.common import print_machine, timed
 from moeyard.cluster.control.autoscaler_metrics import AutoscalerMetrics
 from moeyard.cluster.control.load_store import LoadFlusher
 from moeyard.cluster.control.placement_store import Event, push_event, write_placement
@@ -237,6 +237,7 @@ def main(argv=None) -> int:
     ap.add_argument("--also-small", action="store_true", help="also run 4 layers x 8 experts on 2 x 5 slots")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     a = ap.parse_args(argv)
+    print_machine()
     shapes = [a]
     if a.also_small:
         shapes.append(argparse.Namespace(**{**vars(a), "layers": 4, "experts": 8, "shards": 2,

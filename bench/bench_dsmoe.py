@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from bench.common import print_machine
 from moeyard.attention.tokenizer import load_tokenizer
 from moeyard.cluster.cli.calibration import calibration_inputs
 from moeyard.cluster.config import MOEYARD_HOME
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=1024, help="held-out tokens")
     args = ap.parse_args(argv)
+    print_machine()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     dense = cached_checkpoint(smollm2.fetch_gguf(MOEYARD_HOME / "downloads"), MOEYARD_HOME / "gguf")
     tok = load_tokenizer(dense)

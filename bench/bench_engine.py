@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from bench.common import batch_groups, ensure_bench_model, timed, workload
+from bench.common import batch_groups, ensure_bench_model, print_machine, timed, workload
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args(argv)
+    print_machine()
     torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM

@@ -64,6 +64,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.common import print_machine
+
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # before ray is imported (it reads this at import)
 
 SMALL_MODEL = {"family": "mixtral", "layers": 2, "hidden": 128, "intermediate": 256, "experts": 8, "top_k": 2,
@@ -650,6 +652,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a check fails")
     args = ap.parse_args(argv)
+    print_machine()
     if args.streams < 1 or args.channels < 1 or args.storms < 1:
         ap.error("--streams, --channels and --storms must be >= 1")
 

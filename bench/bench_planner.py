@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from bench.common import print_machine
 from bench.synthetic_load import zipf_load
 from moeyard.router_service.placement import round_robin_placement
 from moeyard.router_service.planner import count_moves, greedy_baseline, min_balancedness, plan_placement
@@ -33,6 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    print_machine()
     torch.set_num_threads(args.threads)
     L, E, N, S = args.layers, args.experts, args.shards, args.slots_per_shard
     load = zipf_load(L, E, args.zipf, tokens=1 << 20)

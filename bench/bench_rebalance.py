@@ -28,7 +28,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 import torch  # noqa: E402
 
-from bench.common import ensure_bench_model, workload  # noqa: E402
+from bench.common import ensure_bench_model, print_machine, workload  # noqa: E402
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -48,6 +48,7 @@ def main(argv=None) -> int:
                          "round differently and near-tied greedy picks part")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    print_machine()
 
     import ray
 

@@ -195,10 +195,11 @@ NAMES = {"ours": "ours", "vllm": "vLLM", "transformers": "transformers"}
 def run_throughput(args) -> int:
     import torch
 
-    from bench.common import batch_groups, ensure_bench_model, workload
+    from bench.common import batch_groups, decode_roofline_tok_s, ensure_bench_model, print_machine, workload
     from moeyard.attention.engine import EngineConfig, LLMEngine
     from moeyard.attention.sequence import SamplingParams
 
+    print_machine()
     torch.set_num_threads(args.threads)
     path = Path(args.model) if args.model else ensure_bench_model()
     prompts = workload()
@@ -303,6 +304,15 @@ def run_throughput(args) -> int:
                 suffix = "" if key == "tok_s" else "_decode"
                 more = f" | {r['ours_vs_transformers' + suffix]:.2f}x | {r['vllm_vs_transformers' + suffix]:.2f}x"
             print(f"| {r['batch']} | {vals} | {ratio:.2f}x{more} |")
+    if results:
+        print("\ndecode step as a fraction of this machine's roofline (bench/roofline.py; context "
+              f"{64 + args.new_tokens // 2} tokens, bf16):")
+        for r in results:
+            floor = decode_roofline_tok_s(path, r["batch"], 64 + args.new_tokens // 2)
+            r["roofline_decode_tok_s"] = floor
+            cols = ["ours", "vllm"] + (["transformers"] if hf_on else [])
+            print(f"  batch {r['batch']:3d}: roofline {floor:.0f} tok/s; "
+                  + ", ".join(f"{NAMES[s]} {r[f'{s}_decode_tok_s'] / floor:.0%}" for s in cols))
     if args.json:
         print(json.dumps({"threads": args.threads, "repeats": args.repeats, "model": str(path),
                           "enforce_eager": args.enforce_eager, "prefix_caching": args.prefix_caching,

@@ -19,13 +19,12 @@ model at batch 32 (one shard's share, top-2 over two shards) and DeepSeek-V3's w
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 
-from bench.common import machine_info
+from bench.common import print_machine
 from moeyard.expert_actors.wire import (
     ComputeCall,
     decode_compute_request,
@@ -61,7 +60,7 @@ def main() -> None:
     ap.add_argument("--inner", type=int, default=20, help="calls per repeat (the repeat's figure is their mean)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print(json.dumps(machine_info()))
+    print_machine()
     fns = {"protobuf": protobuf_round_trip, "framed": framed_round_trip}
     print(f"{'hidden [U, D] bf16':>20} {'MB':>6} {'protobuf us':>22} {'framed us':>22} {'ratio':>6}")
     for u, d in SIZES:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import time
@@ -68,6 +69,14 @@ def machine_info() -> dict:
     return info
 
 
+def print_machine() -> dict:
+    """Print :func:`machine_info` as one ``machine: {...}`` JSON line (every benchmark does, first) and
+    return it."""
+    info = machine_info()
+    print("machine: " + json.dumps(info), flush=True)
+    return info
+
+
 def device_sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -103,3 +112,13 @@ def peak_cpu_bytes(fn) -> int:
         cur += delta
         peak = max(peak, cur)
     return peak
+
+
+def decode_roofline_tok_s(model_dir: Path, batch: int, context: int, dtype: str = "bfloat16") -> float:
+    """The decode tokens/s at this machine's roofline (``moeyard.model.roofline``, the machine measured once
+    and cached by ``moeyard.model.hardware.local_hardware``) for ``batch`` sequences of ``context`` tokens."""
+    from moeyard.model.hardware import local_hardware
+    from moeyard.model.roofline import decode_step, roofline
+    from moeyard.model.spec import load_spec
+
+    return roofline(decode_step(load_spec(model_dir), batch, context, dtype), local_hardware(), dtype).tokens_per_s

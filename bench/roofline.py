@@ -16,7 +16,7 @@ import json
 
 import torch
 
-from bench.common import ensure_bench_model, machine_info
+from bench.common import ensure_bench_model, print_machine
 from moeyard.model.hardware import local_hardware, measure_local
 from moeyard.model.roofline import Hardware, decode_step, roofline
 from moeyard.model.spec import ModelSpec, load_spec
@@ -35,14 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=96,
                     help="tokens of context per sequence (the bench workload's middle: 64 + 32)")
     args = ap.parse_args(argv)
-    print(json.dumps(machine_info()))
+    print_machine()
     print(f"threads: {torch.get_num_threads()}")
     hw = measure_local(quick=True) if args.quick else local_hardware(refresh=args.refresh)
     print(f"{hw.source}")
     for name, f in hw.peak_flops.items():
         print(f"  peak matmul {name:>9}: {f / 1e9:8.1f} GFLOP/s")
-    print(f"  memory bandwidth:     {hw.memory_bandwidth / 1e9:8.1f} GB/s (read {hw.details['read_bandwidth'] / 1e9:.1f},"
-          f" copy {hw.details['copy_bandwidth'] / 1e9:.1f})")
+    d = hw.details
+    print(f"  memory bandwidth:     {hw.memory_bandwidth / 1e9:8.1f} GB/s (read {d['read_bandwidth'] / 1e9:.1f},"
+          f" copy {d['copy_bandwidth'] / 1e9:.1f})")
     spec = load_spec(ensure_bench_model())
     print(f"\nbench model decode step floor, context {args.context}:")
     print(f"{'batch':>6} {'dtype':>9} {'GFLOP':>8} {'MB read':>8} {'FLOP ms':>8} {'byte ms':>8} {'bound':>8}"

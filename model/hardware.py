@@ -36,6 +36,22 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache's size (sysfs), 0 when unknown."""
+    best = 0
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = f.read_text().strip().upper()
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            best = max(best, int(text.rstrip("KMG")) * mult)
+        except ValueError:
+            continue
+    return best
+
+
 def _best_seconds(fn, min_repeats: int, budget_s: float) -> float:
     fn()  # warm-up (oneDNN compiles its kernel, pages fault in)
     best = float("inf")
@@ -76,7 +92,8 @@ def copy_bandwidth(nbytes: int = 256 << 20, min_repeats: int = 5, budget_s: floa
 
 def measure_local(quick: bool = False) -> Hardware:
     """Measure this machine (``quick``: small sizes, for tests; the figures are then rougher)."""
-    n, buf = (256, 32 << 20) if quick else (2048, 512 << 20)
+    # the bandwidth buffers must dwarf the last-level cache (480 MiB on some Xeons), or they measure it
+    n, buf = (256, 32 << 20) if quick else (2048, max(512 << 20, 2 * last_level_cache_bytes()))
     budget = 0.05 if quick else 1.0
     flops = {name: matmul_flops(name, n, 3, budget) for name in _DTYPES}
     read = read_bandwidth(buf, 3 if quick else 5, budget)
@@ -84,7 +101,9 @@ def measure_local(quick: bool = False) -> Hardware:
     return Hardware(name="local", peak_flops=flops, memory_bandwidth=max(read, copy),
                     source=f"measured on {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
                            + (" (quick)" if quick else ""),
-                    details={"read_bandwidth": read, "copy_bandwidth": copy, "matmul_n": float(n)})
+                    details={"read_bandwidth": read, "copy_bandwidth": copy, "matmul_n": float(n),
+                             "bandwidth_buffer_bytes": float(buf),
+                             "last_level_cache_bytes": float(last_level_cache_bytes())})
 
 
 def _cache_dir() -> Path:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moeyard.attention.attn_meta import AttnMeta
-from moeyard.attention.paged import gather_attention, paged_attention, resolve_attention
+from moeyard.attention.paged import gather_attention, paged_attention, paged_recurrence, resolve_attention
 from moeyard.attention.paged_triton import _pow2_split, triton_paged_attention
 
 BS = 4
@@ -46,8 +46,10 @@ def _triton():
 
 
 KERNELS = {
-    "paged": paged_attention,
-    "paged_one_block_tiles": functools.partial(paged_attention, tile_bytes=1),  # the online softmax
+    "paged": paged_attention,                                                    # on CPUs: the flash kernel
+    "paged_one_block_tiles": functools.partial(paged_attention, tile_bytes=1),  # ... merged by log-sum-exp
+    "recurrence": paged_recurrence,                                              # other devices' path
+    "recurrence_one_block_tiles": functools.partial(paged_recurrence, tile_bytes=1),  # the online softmax
 }
 SHAPES = [  # (H, KV, dq, dv, values separate?)
     (8, 2, 16, 16, True),    # GQA
@@ -60,17 +62,20 @@ SHAPES = [  # (H, KV, dq, dv, values separate?)
 # Triton's CPU interpreter computes a bf16 ``tl.dot`` wrongly (its numpy has no bf16; a plain bf16 dot is
 # off by 1e10 in triton 3.9), so the Triton kernel's half-precision path is checked in fp16 here and in
 # bf16 by bench/gpu_check.py on a GPU.
-KERNEL_DTYPES = [(k, d) for k in ("paged", "paged_one_block_tiles") for d in ("fp32", "bf16", "fp16")] + [
+KERNEL_DTYPES = [(k, d) for k in KERNELS for d in ("fp32", "bf16", "fp16")] + [
     ("triton", "fp32"), ("triton", "fp16")]
+DECODE_BATCH = [(1, 16), (1, 17), (3, 9), (1, 40), (8, 33), (1, 1)]
+"""A step of short queries only (decode, speculative-style 3 and 8): the CPU kernel folds heads into rows."""
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+@pytest.mark.parametrize("batch", [BATCH, DECODE_BATCH], ids=["mixed", "decode"])
 @pytest.mark.parametrize("shape", SHAPES, ids=["gqa", "mha_d24", "mqa", "mla"])
 @pytest.mark.parametrize("kernel,dtype_name", KERNEL_DTYPES)
-def test_kernel_equals_reference(kernel, dtype_name, shape):
+def test_kernel_equals_reference(kernel, dtype_name, shape, batch):
     dtype = DTYPES[dtype_name]
     h, kv, dq, dv, separate = shape
-    meta = _step(BATCH)
+    meta = _step(batch)
     q, k, v = _inputs(meta, h, kv, dq, dv, dtype, separate)
     fn = _triton() if kernel == "triton" else KERNELS[kernel]
     ref = gather_attention(q, k, v, meta, dq ** -0.5, dv)

@@ -26,6 +26,16 @@ def test_greedy_is_argmax():
     assert sample(logits, _seqs(6)) == logits.argmax(-1).tolist()
 
 
+def test_greedy_ties_and_nans_pick_as_argmax_does():
+    """The first of tied maxima, the first NaN, at the engine's sizes too."""
+    logits = _logits(64, 32000, seed=5)
+    logits[:, 700] = logits.max() + 1
+    logits[:, 90] = logits[:, 700]            # a tie: the earlier index
+    logits[3, 5] = logits[3, 9] = float("nan")
+    got = sample(logits, _seqs(64))
+    assert got == logits.argmax(-1).tolist() and got[0] == 90 and got[3] == 5
+
+
 def test_top_k_one_is_greedy():
     logits = _logits(8, 40, seed=1)
     for seed in range(5):
