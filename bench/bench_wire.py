@@ -54,11 +54,14 @@ def framed_round_trip(x: torch.Tensor) -> torch.Tensor:
     return tensor_from_bytes(d.message.hidden.dtype, d.message.hidden.shape, d.payload)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--inner", type=int, default=20, help="calls per repeat (the repeat's figure is their mean)")
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help="one repeat of one call (CI)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.repeats, args.inner = 1, 1
     torch.set_num_threads(1)
     print_machine()
     fns = {"protobuf": protobuf_round_trip, "framed": framed_round_trip}
@@ -78,7 +81,8 @@ def main() -> None:
         cell = {k: f"{med[k]:.0f} ({min(v):.0f}-{max(v):.0f})" for k, v in times.items()}
         print(f"{str([u, d]):>20} {x.numel() * 2 / 1e6:6.2f} {cell['protobuf']:>22} {cell['framed']:>22} "
               f"{med['framed'] / med['protobuf']:6.3f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -15,6 +15,23 @@ BENCH_MODEL_ARGS = dict(family="mixtral", hidden=1024, intermediate=2816, layers
 DEFAULT_BENCH_DIR = Path.home() / ".moeyard" / "models" / "bench-mixtral"
 
 
+QUICK_MODEL_ARGS = dict(family="mixtral", hidden=64, intermediate=96, layers=2, experts=4, top_k=2, heads=4,
+                        kv_heads=2, vocab=512, seed=0, dtype="bfloat16")
+"""The benchmarks' ``--quick`` model (CI): the bench model's family at toy sizes."""
+
+
+def quick_model() -> Path:
+    """A fresh tiny model (``QUICK_MODEL_ARGS``) in a temporary folder, for the benchmarks' ``--quick`` runs."""
+    import tempfile
+
+    from moeyard.model.make_model import make_model
+    from moeyard.model.make_model_options import MakeModelOptions
+
+    path = Path(tempfile.mkdtemp(prefix="moeyard-bench-quick-")) / "tiny"
+    make_model(MakeModelOptions(**QUICK_MODEL_ARGS), path)
+    return path
+
+
 def ensure_bench_model(path: Path = DEFAULT_BENCH_DIR) -> Path:
     """Write the bench model once (``make-model`` with BENCH_MODEL_ARGS)."""
     from moeyard.model.make_model import make_model
