@@ -26,6 +26,7 @@ from moeyard.attention.scheduler import Scheduler, SchedulerConfig
 from moeyard.attention.sequence import RequestError, RequestOutput, SamplingParams, Sequence
 from moeyard.attention.tokenizer import TextTokenizer, load_tokenizer
 from moeyard.attention.weights import load_attention_weights, pack_linears
+from moeyard.model.batch_invariant import batch_invariant
 from moeyard.model.checkpoint import CheckpointReader
 from moeyard.model.cpu_matmul import MatmulMode, resolve_matmul
 from moeyard.model.devices import host_tensor_to, resolve_device
@@ -69,6 +70,11 @@ class EngineConfig:
     """The CPU's matmul kernel for the projections, LM head and (in-process) experts
     (:mod:`moeyard.model.cpu_matmul`): ``packed`` (weights in oneDNN's layout, bf16/fp16 on AVX-512 and
     up), ``plain`` (torch's matmul), ``auto`` (``packed`` where it applies)."""
+    deterministic: bool = False
+    """Batch-invariant math (:mod:`moeyard.model.batch_invariant`): a request's tokens do not depend on
+    what else shares its steps, on how its prompt was chunked, or on the placement; costs throughput
+    (``docs/benchmarks.md``). Refused together with a capacity factor, which drops tokens by design
+    depending on the batch."""
     expert_restart_wait_s: float = 0.0
     """With a remote transport: how long a step waits for a dead shard to come back when
     some expert it held has no other copy (0: fail the requests routed to it at once)."""
@@ -76,14 +82,15 @@ class EngineConfig:
 
 def build_local_experts(model_dir: str | Path, spec: ModelSpec, placement: Placement, dtype: torch.dtype,
                         reader: CheckpointReader | None = None,
-                        device: torch.device | str = "cpu", matmul: MatmulMode = "auto") -> InProcessTransport:
+                        device: torch.device | str = "cpu", matmul: MatmulMode = "auto",
+                        deterministic: bool = False) -> InProcessTransport:
     """Load every shard of ``placement`` into this process, on ``device`` (the in-process transport)."""
     from moeyard.expert_actors.slots import ExpertSlots
 
     reader = reader or CheckpointReader(model_dir)
     shards = {}
     for shard in range(placement.num_shards):
-        slots = ExpertSlots(spec, dtype, device, matmul=matmul)
+        slots = ExpertSlots(spec, dtype, device, matmul=matmul, deterministic=deterministic)
         for moe_layer, pairs in placement.shard_slots(shard).items():
             slots.load(reader, moe_layer, pairs)
         shards[shard] = slots
@@ -97,6 +104,9 @@ class LLMEngine:
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        if config.deterministic and config.capacity_factor is not None:
+            raise ValueError("deterministic mode cannot be combined with a capacity factor: which tokens overflow "
+                             "an expert depends on the rest of the batch")
         self.spec = spec = load_spec(model_dir)
         self.dtype = resolve_dtype(config.dtype, spec.torch_dtype)
         self.device = resolve_device(config.device)
@@ -121,7 +131,7 @@ class LLMEngine:
             self.placement.validate(spec.moe.num_experts)
             if transport is None:
                 transport = build_local_experts(model_dir, spec, self.placement, self.dtype, device=self.device,
-                                                matmul=config.cpu_matmul)
+                                                matmul=config.cpu_matmul, deterministic=config.deterministic)
             dispatcher = ExpertDispatcher(self.placement, transport, restart_wait_s=config.expert_restart_wait_s)
             router = MoERouter(gate_cfg, gates, dispatcher)
         self.router = router
@@ -229,6 +239,12 @@ class LLMEngine:
                                          len(seq.output_token_ids), error=str(e)))
         return outputs
 
+    def _forward(self, mbs):
+        if self.router is not None:
+            with self.router.dispatcher.step():  # placements switch between steps, never inside one
+                return self.runner.forward_microbatches(mbs)
+        return self.runner.forward_microbatches(mbs)
+
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if batch.empty:
@@ -245,11 +261,8 @@ class LLMEngine:
             sampled.extend(group_sampled)
         t0 = time.perf_counter()
         try:
-            if self.router is not None:
-                with self.router.dispatcher.step():  # placements switch between steps, never inside one
-                    logits = self.runner.forward_microbatches(mbs)
-            else:
-                logits = self.runner.forward_microbatches(mbs)
+            with batch_invariant(self.config.deterministic):
+                logits = self._forward(mbs)
         except ExpertsUnavailable as e:
             return self._fail_unroutable(e, groups)
         self.num_steps += 1

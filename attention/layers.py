@@ -14,6 +14,7 @@ from moeyard.attention.kv_cache import KVCache
 from moeyard.attention.paged import AttendFn, attend_dense, dense_context, paged_attention
 from moeyard.attention.rope import RotaryEmbedding, yarn_mscale
 from moeyard.attention.weights import GQAWeights, MLAWeights
+from moeyard.model.batch_invariant import bmm_rows
 from moeyard.model.ffn import linear_rows
 from moeyard.model.spec import ModelSpec
 
@@ -91,10 +92,10 @@ def mla_attention(x: torch.Tensor, w: MLAWeights, spec: ModelSpec, layer: int, c
     lat[meta.slot_mapping] = torch.cat([c, k_pe], dim=-1)
     scale = mla_softmax_scale(spec)
     if absorb:
-        q_lat = torch.bmm(q_nope.transpose(0, 1), w.kv_b_k)                 # [H, T, r]
+        q_lat = bmm_rows(q_nope.transpose(0, 1), w.kv_b_k)                  # [H, T, r]
         q_cat = torch.cat([q_lat.transpose(0, 1), q_pe], dim=-1)             # [T, H, r + rope]
         o_lat = attend(q_cat, lat.unsqueeze(1), None, meta, scale, m.kv_lora_rank)   # [T, H, r]
-        out = torch.bmm(o_lat.transpose(0, 1), w.kv_b_v).transpose(0, 1)    # [T, H, v]
+        out = bmm_rows(o_lat.transpose(0, 1), w.kv_b_v).transpose(0, 1)     # [T, H, v]
         return linear_rows(out.reshape(t, h * m.v_head_dim), w.o, w.o_bias)
     cache_slots, mask = dense_context(meta)
     ctx = lat[cache_slots]                                        # [B, C, r + rope]

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from moeyard.attention.attn_meta import AttnMeta
+from moeyard.model import batch_invariant
 
 AttendFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", AttnMeta, float, int], torch.Tensor]
 
@@ -45,6 +46,13 @@ grows with its queries times its context while its tile grows with the context a
 (fewer merges) pay there."""
 
 _SMALL_Q = 8
+
+INVARIANT_TILE_TOKENS = 256
+"""Batch-invariant mode: keys per tile (every tile padded to it), so a sequence's context splits the same
+way whatever the longest context of its step."""
+INVARIANT_Q_ROWS = 32
+"""Batch-invariant mode: query rows per kernel call (the flash kernel's own query block below 192 rows),
+so a query row goes through calls of one shape whether it is decoded or part of any prefill chunk."""
 
 
 def _fold_queries(q: torch.Tensor, meta: AttnMeta, kv: int) -> torch.Tensor:
@@ -89,6 +97,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     ``tile_bytes`` (:data:`TILE_BYTES` by default). ``[T, H, dv]``."""
     if meta.num_tokens == 0:
         return q.new_empty(0, q.shape[1], v_dim)
+    if q.device.type == "cpu" and batch_invariant.enabled():
+        return _paged_flash_cpu_invariant(q, k_cache, v_cache, meta, scale, v_dim)
     if q.device.type == "cpu":
         long_q = meta.max_q > _SMALL_Q
         return _paged_flash_cpu(q, k_cache, v_cache, meta, scale, v_dim,
@@ -206,6 +216,62 @@ def _paged_flash_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return _unfold_rows(acc.to(q.dtype), meta, h)
     out = acc.to(q.dtype).transpose(1, 2).reshape(b * qn, h, v_dim)     # [B*Q, H, dv]
     return out.index_select(0, meta.valid_rows)
+
+
+def _paged_flash_cpu_invariant(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None,
+                               meta: AttnMeta, scale: float, v_dim: int) -> torch.Tensor:
+    """:func:`_paged_flash_cpu` in batch-invariant mode (:mod:`moeyard.model.batch_invariant`): every
+    kernel call has :data:`INVARIANT_Q_ROWS` query rows per (sequence, head) and every tile exactly
+    :data:`INVARIANT_TILE_TOKENS` keys (padded, masked), tiles at fixed positions merged in order, so a
+    query row's sums run the same way whatever else shares its step and however its prompt was chunked.
+    ``[T, H, dv]``."""
+    h, dq = q.shape[1], q.shape[2]
+    kv = k_cache.shape[1]
+    b, bs, qn = meta.num_seqs, meta.block_size, meta.max_q
+    per_tile = max(1, INVARIANT_TILE_TOKENS // bs)
+    n = per_tile * bs
+    n_tiles = -(-(-(-meta.max_ctx // bs)) // per_tile)
+    tables = meta.block_tables
+    if tables.shape[1] < n_tiles * per_tile:       # pad with block 0: its keys are masked
+        tables = torch.cat([tables, tables.new_zeros(b, n_tiles * per_tile - tables.shape[1])], dim=1)
+    kblocks = k_cache.view(-1, bs, kv, dq)
+    vblocks = None if v_cache is None else v_cache.view(-1, bs, kv, v_cache.shape[-1])
+    ctx = meta.ctx_lens.view(b, 1, 1, 1)
+    rq = INVARIANT_Q_ROWS
+    qp = q[meta.tok_idx]                                   # [B, Q, H, dq]
+    qpos = meta.qpos
+    if qn % rq:                                            # pad the query rows (their results are dropped)
+        qp = torch.cat([qp, qp.new_zeros(b, rq - qn % rq, h, dq)], dim=1)
+        qpos = torch.cat([qpos, qpos.new_full((b, rq - qn % rq), -1)], dim=1)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    tiles = []
+    for t0 in range(n_tiles):
+        ids = tables[:, t0 * per_tile:(t0 + 1) * per_tile]
+        kt = _tile(kblocks, ids).view(b, n, kv, dq).transpose(1, 2)     # [B, KV, n, dq]
+        vt = kt if vblocks is None else _tile(vblocks, ids).view(b, n, kv, -1).transpose(1, 2)
+        tiles.append((t0 * n, kt, vt))
+    outs = []
+    for r0 in range(0, qp.shape[1], rq):
+        qx = qp[:, r0:r0 + rq].transpose(1, 2)                          # [B, H, rq, dq]
+        rowpos = qpos[:, r0:r0 + rq].view(b, 1, rq, 1)
+        lse_all = acc = None
+        for k0, kt, vt in tiles:
+            kpos = torch.arange(k0, k0 + n, device=q.device)
+            allowed = (kpos <= rowpos) & (kpos < ctx)                    # [B, 1, rq, n]
+            bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+            out, lse = flash(qx, kt, vt, attn_mask=bias, scale=scale)
+            out = (out[..., :v_dim] if vblocks is None else out).float()
+            lse = lse.masked_fill(~allowed.any(-1), float("-inf")).unsqueeze(-1)
+            if acc is None:
+                lse_all, acc = lse, out
+            else:  # a tile a row has no key in adds exactly nothing (weight exp(-inf) = 0, its output 0)
+                new = torch.logaddexp(lse_all, lse)
+                safe = new.masked_fill(new == float("-inf"), 0.0)
+                acc = acc * torch.exp(lse_all - safe) + out * torch.exp(lse - safe)
+                lse_all = new
+        outs.append(acc.to(q.dtype))
+    out = torch.cat(outs, dim=2)[:, :, :qn]                            # [B, H, Q, dv]
+    return out.transpose(1, 2).reshape(b * qn, h, v_dim).index_select(0, meta.valid_rows)
 
 
 def dense_context(meta: AttnMeta) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--quick", action="store_true", help="tiny model, 4 prompts, 8 tokens, 1 repeat (CI)")
-    ap.add_argument("--plain-too", action="store_true",
-                    help="a third system: our engine with cpu_matmul=plain (torch's matmul), in the same rotation")
+    ap.add_argument("--also", default="", help="more systems in the same rotation, comma-separated: 'plain' (our "
+                                               "engine with cpu_matmul=plain), 'deterministic' (ours with "
+                                               "deterministic=True)")
     args = ap.parse_args(argv)
     print_machine()
     torch.set_num_threads(args.threads)
@@ -67,12 +68,18 @@ def main(argv: list[str] | None = None) -> int:
     path = quick_model() if args.quick else ensure_bench_model()
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     prompts = workload(n_prompts=4 if args.quick else 32, prompt_len=16 if args.quick else 64, vocab=vocab)
-    def make_engine(matmul: str) -> LLMEngine:
+    def make_engine(matmul: str = "auto", deterministic: bool = False) -> LLMEngine:
         return LLMEngine(path, EngineConfig(dtype="bfloat16", max_num_seqs=64, kv_cache_bytes=1 << 30,
-                                            enable_prefix_caching=False, cpu_matmul=matmul))
+                                            enable_prefix_caching=False, cpu_matmul=matmul,
+                                            deterministic=deterministic))
 
-    engine = make_engine("auto")
-    plain = make_engine("plain") if args.plain_too else None
+    also = [a for a in args.also.split(",") if a]
+    unknown = set(also) - {"plain", "deterministic"}
+    if unknown:
+        ap.error(f"--also: unknown system(s) {sorted(unknown)}; choose from plain, deterministic")
+    engine = make_engine()
+    extra = {f"ours_{a}": make_engine(**({"matmul": "plain"} if a == "plain" else {"deterministic": True}))
+             for a in also}
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
     print(f"threads {args.threads}; ours: cpu_matmul {engine.matmul}, attention {engine.config.attention_backend}; "
           f"transformers: sdpa, no torch.compile; {args.repeats} repeats, first place rotating")
@@ -104,16 +111,15 @@ def main(argv: list[str] | None = None) -> int:
             return time.perf_counter() - t0
 
         run_ours(args.new_tokens)                                  # warm-up
-        if plain is not None:
-            ours_runner(plain)(args.new_tokens)
+        for eng in extra.values():
+            ours_runner(eng)(args.new_tokens)
         caches = {c: hf_runner(c) for c in ("static", "dynamic")}
         for fn in caches.values():
             fn(args.new_tokens)                                    # warm-up (a static cache compiles nothing)
         probe = {c: once(fn) for c, fn in caches.items()}
         cache = min(probe, key=probe.get)
         systems = {"ours": run_ours, "transformers": caches[cache]}
-        if plain is not None:
-            systems["ours_plain"] = ours_runner(plain)
+        systems.update({name: ours_runner(eng) for name, eng in extra.items()})
         times: dict[tuple[str, int], list[float]] = {(s, n): [] for s in systems for n in (args.new_tokens, 1)}
         names = list(systems)
         for r in range(args.repeats):
@@ -134,12 +140,13 @@ def main(argv: list[str] | None = None) -> int:
             row[f"{s}_decode_tok_s"] = statistics.median(row[f"{s}_decode_tok_s_runs"])
         row["ratio"] = row["ours_tok_s"] / row["transformers_tok_s"]
         row["decode_ratio"] = row["ours_decode_tok_s"] / row["transformers_decode_tok_s"]
-        plain_note = ""
-        if plain is not None:
-            row["packed_over_plain_decode"] = row["ours_decode_tok_s"] / row["ours_plain_decode_tok_s"]
-            plain_note = (f" | ours with cpu_matmul=plain: end-to-end {_summary(row['ours_plain_tok_s_runs'])}, "
-                          f"decode {_summary(row['ours_plain_decode_tok_s_runs'])}; {engine.matmul} / plain decode "
-                          f"{row['packed_over_plain_decode']:.2f}x")
+        notes = []
+        for name in extra:
+            row[f"ours_over_{name}_decode"] = row["ours_decode_tok_s"] / row[f"{name}_decode_tok_s"]
+            row[f"ours_over_{name}_tok_s"] = row["ours_tok_s"] / row[f"{name}_tok_s"]
+            notes.append(f" | {name}: end-to-end {_summary(row[f'{name}_tok_s_runs'])}, decode "
+                         f"{_summary(row[f'{name}_decode_tok_s_runs'])}; ours / {name} end-to-end "
+                         f"{row[f'ours_over_{name}_tok_s']:.2f}x, decode {row[f'ours_over_{name}_decode']:.2f}x")
         ctx = len(prompts[0]) + args.new_tokens // 2
         floor = decode_roofline_tok_s(path, b, ctx) if not args.quick else None
         row["roofline_decode_tok_s"] = floor
@@ -149,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batch {b:3d}: end-to-end tok/s ours {_summary(row['ours_tok_s_runs'])}, transformers "
               f"({cache} cache) {_summary(row['transformers_tok_s_runs'])} ({row['ratio']:.2f}x) | decode tok/s "
               f"ours {_summary(row['ours_decode_tok_s_runs'])}, transformers "
-              f"{_summary(row['transformers_decode_tok_s_runs'])} ({row['decode_ratio']:.2f}x){roof}{plain_note}",
+              f"{_summary(row['transformers_decode_tok_s_runs'])} ({row['decode_ratio']:.2f}x){roof}{''.join(notes)}",
               flush=True)
     print(json.dumps({"threads": args.threads, "repeats": args.repeats, "quick": args.quick, "results": results}))
     return 0

@@ -97,6 +97,10 @@ class ClusterConfig(BaseModel):
                           "per step")
     wire_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     torch_threads: int = Field(1, ge=1, description="torch threads per process (shards and replicas)")
+    deterministic: bool = Field(
+        False, description="batch-invariant math in replicas and shards (model/batch_invariant.py): a request's "
+                           "tokens do not depend on what else shares its batch, which replica serves it, the "
+                           "placement or a shard restart; costs throughput (docs/benchmarks.md)")
     cpu_matmul: Literal["auto", "packed", "plain"] = Field(
         "auto", description="CPU matmul kernel of replicas and shards (model/cpu_matmul.py): 'packed' keeps "
                             "bf16/fp16 weights in oneDNN's blocked layout (AVX-512 and up), 'plain' uses torch's "

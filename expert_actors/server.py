@@ -123,6 +123,7 @@ class ExpertServer:
         reader: where the expert tensors come from (default: a ``CheckpointReader`` of ``model_dir``;
             benchmarks pass one that makes full-size random weights on the device).
         matmul: the CPU's matmul kernel for the experts (``ExpertSlots``).
+        deterministic: batch-invariant expert math (``ExpertSlots``).
     """
 
     def __init__(self, shard_id: int, spec: ModelSpec | None, model_dir: str | Path, dtype: torch.dtype | str,
@@ -130,7 +131,7 @@ class ExpertServer:
                  port: int = 0, num_threads: int | None = None, server_credentials=None, *,
                  max_workers: int = 8, max_message_bytes: int = EXPERT_MAX_MESSAGE_BYTES,
                  advertise_host: str | None = None, device: str | torch.device = "auto",
-                 reader: CheckpointReader | None = None, matmul: MatmulMode = "auto"):
+                 reader: CheckpointReader | None = None, matmul: MatmulMode = "auto", deterministic: bool = False):
         self.shard_id = int(shard_id)
         self.model_dir = Path(model_dir)
         self.spec = spec if spec is not None else load_spec(model_dir)
@@ -141,7 +142,7 @@ class ExpertServer:
         if num_threads:
             torch.set_num_threads(int(num_threads))
         self.reader = reader if reader is not None else CheckpointReader(self.model_dir)
-        self.slots = ExpertSlots(self.spec, self.dtype, self.device, matmul=matmul)
+        self.slots = ExpertSlots(self.spec, self.dtype, self.device, matmul=matmul, deterministic=deterministic)
         self._compute_lock = threading.Lock()  # serialises grouped FFNs; slot changes do not take it
         self._stats_lock = threading.Lock()
         self.requests = 0

@@ -33,6 +33,7 @@ from typing import Literal
 
 import torch
 
+from moeyard.model.batch_invariant import batch_invariant
 from moeyard.model.checkpoint import CheckpointReader
 from moeyard.model.cpu_matmul import MatmulMode, PackedLinear, resolve_matmul
 from moeyard.model.ffn import gemm_shapes_ok, grouped_gemm_supported, grouped_swiglu, grouped_swiglu_gemm
@@ -209,10 +210,13 @@ class ExpertSlots:
         matmul: the CPU's matmul kernel (:mod:`moeyard.model.cpu_matmul`): ``packed`` keeps each copy in
             oneDNN's layout (the loop then runs on those), ``plain`` the stacked tensors, ``auto``
             ``packed`` where it applies.
+        deterministic: batch-invariant math (:mod:`moeyard.model.batch_invariant`): a token's expert output
+            does not depend on the other tokens of its segment (the per-row loop, in calls of fixed rows).
     """
 
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device | str = "cpu",
-                 spare_rows: int = SPARE_ROWS, gemm: GemmMode = "auto", matmul: MatmulMode = "auto"):
+                 spare_rows: int = SPARE_ROWS, gemm: GemmMode = "auto", matmul: MatmulMode = "auto",
+                 deterministic: bool = False):
         if spec.moe is None:
             raise ValueError("model has no MoE layers; there are no experts to hold")
         if gemm not in ("auto", "grouped", "loop"):
@@ -222,6 +226,7 @@ class ExpertSlots:
         self.device = torch.device(device)
         self.spare_rows = spare_rows
         self.gemm = gemm
+        self.deterministic = deterministic
         self.matmul = resolve_matmul("plain" if matmul == "auto" and gemm == "grouped" else matmul, dtype,
                                      self.device)
         if self.matmul == "packed" and gemm == "grouped":
@@ -262,7 +267,7 @@ class ExpertSlots:
 
     def uses_grouped_gemm(self) -> bool:
         """Whether :meth:`compute` runs one grouped GEMM per projection (else the per-row loop)."""
-        if self.gemm == "loop" or self.matmul == "packed":
+        if self.gemm == "loop" or self.matmul == "packed" or self.deterministic:
             return False
         moe = self.spec.moe
         ok = gemm_shapes_ok(self.spec.hidden_size, moe.intermediate_size, self.dtype) and \
@@ -455,7 +460,8 @@ class ExpertSlots:
                 return torch.empty(0, x.shape[1], dtype=x.dtype, device=self.device)
             if self.uses_grouped_gemm():
                 return grouped_swiglu_gemm(x, counts, table.w13, table.w2, rows)
-            return grouped_swiglu(x, counts, table.w13, table.w2, rows)
+            with batch_invariant(self.deterministic):
+                return grouped_swiglu(x, counts, table.w13, table.w2, rows)
         finally:
             with self._running_lock:
                 self._running[table.generation] -= 1

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from moeyard.model import batch_invariant
 from moeyard.model.cpu_matmul import Weight, linear
 from moeyard.model.devices import host_tensor_to
 
@@ -60,7 +61,21 @@ def grouped_swiglu(x: torch.Tensor, counts: list[int] | torch.Tensor, w13: torch
     if sum(counts) != x.shape[0]:
         raise ValueError(f"counts sum to {sum(counts)}, x has {x.shape[0]} rows")
     out = torch.empty_like(x)
-    inter = w2[0].shape[-1]
+    if not slot_index:
+        return out
+    inter = w2[slot_index[0]].shape[-1]   # (a packed shard's free rows are None)
+    if batch_invariant.enabled():  # each segment in calls of a fixed row count (model/batch_invariant.py)
+        start = 0
+        for s, n in enumerate(counts):
+            if n:
+                w = slot_index[s]
+
+                def expert(seg, w=w):
+                    h = linear(seg, w13[w])
+                    return linear(F.silu(h[:, :inter]) * h[:, inter:], w2[w])
+                out[start:start + n] = batch_invariant.fixed_rows(expert, x[start:start + n])
+            start += n
+        return out
     bucketed = uses_row_buckets(x)
     total = x.shape[0]
     start = 0
@@ -176,6 +191,8 @@ def linear_rows(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> to
     CPU, see the module docstring): the token count of an engine step varies from step to step, and
     each new count would compile (and keep) another oneDNN kernel. Returns ``[T, N]``."""
     t = x.shape[0]
+    if batch_invariant.enabled() and x.dim() == 2:
+        return batch_invariant.fixed_rows(lambda c: linear(c, w, b), x)
     if x.dim() != 2 or not uses_row_buckets(x) or bucket_rows(t) == t:
         return linear(x, w, b)
     padded = torch.cat([x, x.new_zeros(bucket_rows(t) - t, x.shape[1])])

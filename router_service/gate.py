@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moeyard.model import batch_invariant
+
 if TYPE_CHECKING:  # pragma: no cover
     from moeyard.model.spec import MoESpec
 
@@ -210,8 +212,12 @@ def router_logits(hidden: Tensor, weight: Tensor, cfg: GateConfig) -> Tensor:
         raise ValueError(f"hidden size mismatch: hidden [..., {hidden.shape[-1]}] vs weight [E, {d}]")
     hidden = hidden.reshape(-1, d)
     if cfg.router_logits_fp32:
-        return F.linear(hidden.to(torch.float32), weight.to(torch.float32))
-    return F.linear(hidden, weight.to(hidden.dtype))
+        hidden, weight = hidden.to(torch.float32), weight.to(torch.float32)
+    else:
+        weight = weight.to(hidden.dtype)
+    if batch_invariant.enabled():
+        return batch_invariant.fixed_rows(lambda c: F.linear(c, weight), hidden)
+    return F.linear(hidden, weight)
 
 
 def select_experts(logits: Tensor, cfg: GateConfig,

@@ -180,6 +180,9 @@ def _add_cluster(sub) -> None:
                    help="overlap attention of one micro-batch with the other's expert round trip")
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
                    help="one batch per step (the default)")
+    p.add_argument("--deterministic", dest="deterministic", action="store_true", default=None,
+                   help="batch-invariant math: a request's tokens do not depend on what else shares its batch, "
+                        "which replica serves it, the placement or a shard restart (costs throughput)")
     p.add_argument("--no-auth", dest="require_auth", action="store_false", default=None,
                    help="serve the API without a token (never do this off loopback)")
     p.add_argument("--address", help="join this Ray cluster instead of starting a head")
@@ -218,7 +221,8 @@ def cmd_up(args) -> int:
 
     cfg = load_config(args.config, model=args.model, expert_shards=args.expert_shards,
                       attention_replicas=args.attention_replicas, api_port=args.api_port, api_host=args.api_host,
-                      dtype=args.dtype, overlap=args.overlap, require_auth=args.require_auth)
+                      dtype=args.dtype, overlap=args.overlap, require_auth=args.require_auth,
+                      deterministic=args.deterministic)
     redis = {k: v for k, v in (("url", args.redis), ("password_file", args.redis_password_file)) if v}
     if redis:
         cfg = cfg.model_copy(update={"redis": type(cfg.redis).model_validate({**cfg.redis.model_dump(), **redis})})

@@ -30,6 +30,7 @@ import torch
 
 from moeyard.router_service.placement import Placement
 from moeyard.router_service.planner import plan_placement
+from moeyard.router_service.transport import ShardUnavailable
 
 log = logging.getLogger("moeyard.migration")
 
@@ -51,20 +52,32 @@ class ShardControl(Protocol):
 
 
 class GrpcShardControl:
-    """:class:`ShardControl` over the shards' gRPC servers (a ``GrpcTransport`` reaches them)."""
+    """:class:`ShardControl` over the shards' gRPC servers (a ``GrpcTransport`` reaches them).
+
+    A shard that does not answer is looked up again once and the call retried: Ray restarts a killed shard
+    on a new port, and the transport keeps the old address until told to :meth:`refresh` it. Every call is
+    safe to repeat (loading a copy a slot holds replaces it, unloading one it lacks does nothing)."""
 
     def __init__(self, transport, timeout_s: float = 120.0):
         self.transport = transport
         self.timeout_s = timeout_s
 
+    def _retrying(self, shard: int, call):
+        try:
+            return call()
+        except ShardUnavailable:
+            self.transport.refresh(shard)
+            return call()
+
     def load(self, shard: int, assignments: list[tuple[int, int, int]], stage: bool) -> int:
-        return self.transport.load_slots(shard, assignments, timeout=self.timeout_s, stage=stage)
+        return self._retrying(shard, lambda: self.transport.load_slots(shard, assignments, timeout=self.timeout_s,
+                                                                       stage=stage))
 
     def unload(self, shard: int, refs: list[tuple[int, int, int | None]]) -> int:
-        return self.transport.unload_slots(shard, refs, timeout=self.timeout_s)
+        return self._retrying(shard, lambda: self.transport.unload_slots(shard, refs, timeout=self.timeout_s))
 
     def held(self, shard: int) -> dict[int, list[tuple[int, int]]]:
-        st = self.transport.status(shard, timeout=10)
+        st = self._retrying(shard, lambda: self.transport.status(shard, timeout=10))
         return {int(layer): [(int(s), int(e)) for s, e in pairs] for layer, pairs in st["slots"].items()}
 
 

@@ -56,7 +56,7 @@ class AttentionReplica:
             max_num_batched_tokens=e.max_num_batched_tokens, max_model_len=e.max_model_len,
             enable_prefix_caching=e.enable_prefix_caching, attention_backend=e.attention_backend,
             overlap=c.overlap, overlap_mode=c.overlap_mode,
-            expert_restart_wait_s=c.shard_restart_wait_s, cpu_matmul=c.cpu_matmul),
+            expert_restart_wait_s=c.shard_restart_wait_s, cpu_matmul=c.cpu_matmul, deterministic=c.deterministic),
             transport=self.transport, placement=placement)
         self.engine = AsyncEngine(engine, max_waiting=e.max_waiting)
         self.pusher = None  # SinkPusher, made on first use (on this replica's event loop)

@@ -42,7 +42,8 @@ class ExpertShardActor:
     def __init__(self, shard_id: int, model_dir: str, assignments: Mapping[int, Iterable[tuple[int, int]]],
                  dtype: str = "float32", host: str = "127.0.0.1", num_threads: int | None = None,
                  port: int = 0, redis: dict | None = None, fingerprint: str | None = None,
-                 tls: dict | None = None, device: str = "auto", cpu_matmul: str = "auto"):
+                 tls: dict | None = None, device: str = "auto", cpu_matmul: str = "auto",
+                 deterministic: bool = False):
         if num_threads:
             # before anything allocates torch's thread pool
             torch.set_num_threads(int(num_threads))
@@ -54,7 +55,7 @@ class ExpertShardActor:
                                    host=host, port=port, num_threads=num_threads,
                                    server_credentials=_credentials(tls),
                                    advertise_host=node_ip() if host in WILDCARD_HOSTS else None,
-                                   device=device, matmul=cpu_matmul)
+                                   device=device, matmul=cpu_matmul, deterministic=deterministic)
 
     def ready(self) -> bool:
         """True once the server listens with its slots loaded (``__init__`` has returned)."""
@@ -112,7 +113,8 @@ def create_shard_actor(shard_id: int, model_dir: str | Path, assignments: Mappin
                        namespace: str | None = None, detached: bool = False, max_task_retries: int = -1,
                        runtime_env: dict | None = None, redis: dict | None = None,
                        fingerprint: str | None = None, resources: dict[str, float] | None = None,
-                       tls: dict | None = None, device: str = "auto", cpu_matmul: str = "auto"):
+                       tls: dict | None = None, device: str = "auto", cpu_matmul: str = "auto",
+                       deterministic: bool = False):
     """Start one :class:`ExpertShardActor`; returns its handle (``__init__`` runs asynchronously).
 
     Args:
@@ -121,6 +123,7 @@ def create_shard_actor(shard_id: int, model_dir: str | Path, assignments: Mappin
         use_gpu: reserve one GPU (``num_gpus=1``).
         device: where the shard computes (``auto``: the GPU Ray gave it, if any; see ``ExpertServer``).
         cpu_matmul: the CPU's matmul kernel for the experts (``moeyard.model.cpu_matmul``).
+        deterministic: batch-invariant expert math (``moeyard.model.batch_invariant``).
         name / namespace: a named actor (``ray.get_actor(name, namespace=...)``).
         detached: ``lifetime="detached"`` (outlives the driver; needs ``name`` to be found again).
         redis / fingerprint: the cluster's ``RedisSettings`` (as a dict) and placement
@@ -150,4 +153,4 @@ def create_shard_actor(shard_id: int, model_dir: str | Path, assignments: Mappin
     cls = ray.remote(ExpertShardActor)
     assignments = {int(k): [(int(s), int(e)) for s, e in v] for k, v in assignments.items()}
     return cls.options(**opts).remote(shard_id, str(model_dir), assignments, dtype, host, num_threads,
-                                      0, redis, fingerprint, tls, device, cpu_matmul)
+                                      0, redis, fingerprint, tls, device, cpu_matmul, deterministic)

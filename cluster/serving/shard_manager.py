@@ -92,7 +92,8 @@ class ShardManager:
             num_threads=c.torch_threads, num_cpus=c.shard_num_cpus, use_gpu=c.use_gpu, device=c.device,
             name=shard_actor_name(c, shard), namespace=c.namespace, detached=True,
             redis=c.redis.model_dump(mode="json"), fingerprint=self.fingerprint,
-            resources=pin(c.ray_resources.experts), tls=c.tls.model_dump(mode="json"), cpu_matmul=c.cpu_matmul)
+            resources=pin(c.ray_resources.experts), tls=c.tls.model_dump(mode="json"), cpu_matmul=c.cpu_matmul,
+            deterministic=c.deterministic)
 
     def _recover_or_publish(self, initial):
         """The placement in Redis if it is for this deployment (a restarted manager, a redeploy

@@ -16,13 +16,14 @@ def _last_json(out: str) -> dict:
 
 
 def test_bench_engine_quick(capsys):
-    assert bench_engine.main(["--quick", "--threads", "1"]) == 0
+    assert bench_engine.main(["--quick", "--threads", "1", "--also", "plain,deterministic"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("machine: {") and '"isa"' in out.splitlines()[0]
     res = _last_json(out)
     assert res["quick"] and [r["batch"] for r in res["results"]] == [1, 4]
     for r in res["results"]:
         assert r["ours_tok_s"] > 0 and r["transformers_tok_s"] > 0
+        assert r["ours_plain_tok_s"] > 0 and r["ours_deterministic_tok_s"] > 0
         assert r["transformers_cache"] in ("static", "dynamic")
         assert len(r["ours_tok_s_runs"]) == len(r["transformers_tok_s_runs"]) == 1
 
@@ -42,3 +43,10 @@ def test_bench_wire_quick(capsys):
     assert bench_wire.main(["--quick"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n") >= 5 and "[256, 7168]" in out
+
+
+def test_bench_engine_refuses_an_unknown_system():
+    import pytest
+
+    with pytest.raises(SystemExit):
+        bench_engine.main(["--quick", "--also", "fast"])

@@ -144,3 +144,19 @@ def test_packed_copies_equal_the_stack_through_loads_stages_and_unloads(hf_model
     assert torch.equal(got, want)
     with pytest.raises(ValueError, match="matmul 'packed' keeps each copy apart"):
         ExpertSlots(spec, torch.bfloat16, gemm="grouped", matmul=matmul)
+
+
+@pytest.mark.parametrize("matmul", PACKED)
+def test_a_packed_shard_computes_when_its_first_row_is_free(hf_models, matmul):
+    """Row 0 released (its packed copy freed): computes on the other rows still run."""
+    ckpt, _ = hf_models("mixtral")
+    spec = load_spec(ckpt)
+    reader = CheckpointReader(ckpt)
+    slots = ExpertSlots(spec, torch.bfloat16, matmul=matmul)
+    slots.load(reader, 0, [(0, 1), (1, 2)])
+    slots.unload(0, [0])
+    assert slots.table(0).w13[0] is None
+    x = torch.randn(3, spec.hidden_size, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    ref = ExpertSlots(spec, torch.bfloat16, matmul="plain")
+    ref.load(reader, 0, [(1, 2)])
+    assert torch.equal(slots.compute(0, [1], [3], x, [2]), ref.compute(0, [1], [3], x, [2]))

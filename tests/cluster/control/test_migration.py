@@ -247,3 +247,33 @@ def test_scale_up_then_down_live(cluster, client):
         follower.stop()
         for s in extra.values():
             s.stop(0)
+
+
+def test_shard_control_looks_a_restarted_shard_up_again(hf_models):
+    """A shard restarted by Ray listens on a new port: the control refreshes the address and retries once
+    (before, a rebalance after a shard restart failed with 'connection refused' until the process ended)."""
+    from moeyard.cluster.control.migration import GrpcShardControl
+
+    ckpt, _ = hf_models("mixtral")
+    spec = load_spec(ckpt)
+    old = ExpertServer(0, spec, ckpt, torch.float32, {0: [(0, 0)]})
+    old_addr = old.address
+    old.stop(0)
+    new = ExpertServer(0, spec, ckpt, torch.float32, {0: [(0, 0)]})
+    addresses = {0: old_addr}
+    asked = []
+
+    def resolve(shard: int) -> str:
+        asked.append(shard)
+        return addresses[shard]
+    try:
+        with GrpcTransport(resolve, timeout_s=5) as t:
+            control = GrpcShardControl(t)
+            addresses[0] = new.address          # what the actor would answer now
+            t.refresh(0, old_addr)              # ... but the transport still holds the old port
+            assert control.held(0)[0] == [(0, 0)]
+            assert control.load(0, [(0, 1, 3)], stage=False) > 0
+            assert control.unload(0, [(0, 1, 3)]) == 1
+            assert t.address(0) == new.address
+    finally:
+        new.stop(0)
