@@ -6,7 +6,9 @@ and the engine's decode with each.
 * ``kernel``: one attention call (no projections) at the bench model's shape (16 heads, 4 KV heads,
   head 64), batch 32, one new token per sequence at contexts 128, 1024 and 4096, bf16 and fp32:
   ``paged`` (tile by tile through the block tables) against ``gather`` (each sequence's whole context
-  copied, masked densely: the engine's path before the paged kernels).
+  copied, masked densely: the engine's path before the paged kernels) and ``recurrence`` (the same tiles as
+  matmuls with the online softmax written out: the CPU's paged path before it went through torch's flash
+  kernel, and the path of devices without Triton).
 * ``prefill``: the same kernels on prefill chunks (a 512- and a 2048-token prompt, four 256-token chunks
   with 768 tokens of history), bf16 and fp32.
 * ``mla``: one DeepSeek-V2-Lite-shaped attention layer (D 2048, 16 heads, latent 512 + rope 64,
@@ -63,7 +65,7 @@ def _decode_meta(batch: int, context: int, block_size: int = 16, seed: int = 0):
 
 
 def part_kernel(repeats: int) -> list[dict]:
-    from moeyard.attention.paged import gather_attention, paged_attention
+    from moeyard.attention.paged import gather_attention, paged_attention, paged_recurrence
 
     rows = []
     h, kv, hd, batch = 16, 4, 64, 32
@@ -74,13 +76,18 @@ def part_kernel(repeats: int) -> list[dict]:
             k = torch.randn(blocks * 16, kv, hd).to(dtype)
             v = torch.randn(blocks * 16, kv, hd).to(dtype)
             fns = {"paged": lambda: paged_attention(q, k, v, meta, hd ** -0.5, hd),
+                   "recurrence": lambda: paged_recurrence(q, k, v, meta, hd ** -0.5, hd),
                    "gather": lambda: gather_attention(q, k, v, meta, hd ** -0.5, hd)}
             t = _interleaved(fns, repeats)
+            med = {name: statistics.median(v) for name, v in t.items()}
             rows.append({"dtype": str(dtype).removeprefix("torch."), "context": context,
-                         "paged_ms": t["paged"], "gather_ms": t["gather"],
-                         "gather_over_paged": statistics.median(t["gather"]) / statistics.median(t["paged"])})
-            print(f"kernel {rows[-1]['dtype']:>8} ctx {context:>5}: paged {_summary(t['paged'])} ms, gather "
-                  f"{_summary(t['gather'])} ms, gather/paged {rows[-1]['gather_over_paged']:.2f}x", flush=True)
+                         "paged_ms": t["paged"], "recurrence_ms": t["recurrence"], "gather_ms": t["gather"],
+                         "gather_over_paged": med["gather"] / med["paged"],
+                         "recurrence_over_paged": med["recurrence"] / med["paged"]})
+            print(f"kernel {rows[-1]['dtype']:>8} ctx {context:>5}: paged {_summary(t['paged'])} ms, recurrence "
+                  f"{_summary(t['recurrence'])} ms, gather {_summary(t['gather'])} ms, recurrence/paged "
+                  f"{rows[-1]['recurrence_over_paged']:.2f}x, gather/paged {rows[-1]['gather_over_paged']:.2f}x",
+                  flush=True)
     return rows
 
 
