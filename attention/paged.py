@@ -230,7 +230,8 @@ def _paged_flash_cpu_invariant(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     b, bs, qn = meta.num_seqs, meta.block_size, meta.max_q
     per_tile = max(1, INVARIANT_TILE_TOKENS // bs)
     n = per_tile * bs
-    n_tiles = -(-(-(-meta.max_ctx // bs)) // per_tile)
+    n_blocks = -(-meta.max_ctx // bs)
+    n_tiles = -(-n_blocks // per_tile)
     tables = meta.block_tables
     if tables.shape[1] < n_tiles * per_tile:       # pad with block 0: its keys are masked
         tables = torch.cat([tables, tables.new_zeros(b, n_tiles * per_tile - tables.shape[1])], dim=1)
