@@ -38,7 +38,7 @@ MIN_TOP_P = 1e-7
 
 def sample(logits: torch.Tensor, seqs: Seq[Sequence]) -> list[int]:
     """Pick the next token of each sequence from ``logits [B, V]`` (fp32, on any device)."""
-    # max's indices: the first maximum (and the first NaN), as argmax, about 3x faster on CPUs at [32, 32000]
+    # max's indices: the first maximum (and the first NaN), as argmax, and cheaper on CPUs (docs/benchmarks.md)
     out = logits.max(dim=-1).indices.tolist()  # the step's one host sync
     rand = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if rand:
