@@ -9,7 +9,8 @@ The kernels (:data:`MatmulMode`):
   (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``: what ``torch.compile`` with
   freezing does for CPU linears). A plain ``x @ w.t()`` in bf16 makes oneDNN copy ``w`` into that
   layout on every call, so a memory-bound decode step reads its weights twice; prepacked, the engine's
-  decode runs 1.18-1.25x faster on an AMX Xeon, with bit-identical results (``docs/benchmarks.md``). For bf16 where oneDNN computes it natively or with AVX-512 conversions
+  decode runs 1.18-1.25x faster on an AMX Xeon, with bit-identical results (``docs/benchmarks.md``).
+  For bf16 where oneDNN computes it natively or with AVX-512 conversions
   (``torch.ops.mkldnn._is_mkldnn_bf16_supported``: AVX-512 and up).
 * ``plain``: torch's matmul. fp32 always runs here (MKL, the kernels ``transformers`` uses, so fp32
   greedy parity stays exact; oneDNN's fp32 sums in another order), and so do fp16 and bf16 on CPUs
