@@ -245,32 +245,30 @@ def _paged_flash_cpu_invariant(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         qp = torch.cat([qp, qp.new_zeros(b, rq - qn % rq, h, dq)], dim=1)
         qpos = torch.cat([qpos, qpos.new_full((b, rq - qn % rq), -1)], dim=1)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    tiles = []
-    for t0 in range(n_tiles):
+    chunks = range(0, qp.shape[1], rq)
+    acc: list[torch.Tensor | None] = [None] * len(chunks)
+    lse_all: list[torch.Tensor | None] = [None] * len(chunks)
+    for t0 in range(n_tiles):                 # one tile in memory at a time, every query chunk against it
         ids = tables[:, t0 * per_tile:(t0 + 1) * per_tile]
         kt = _tile(kblocks, ids).view(b, n, kv, dq).transpose(1, 2)     # [B, KV, n, dq]
         vt = kt if vblocks is None else _tile(vblocks, ids).view(b, n, kv, -1).transpose(1, 2)
-        tiles.append((t0 * n, kt, vt))
-    outs = []
-    for r0 in range(0, qp.shape[1], rq):
-        qx = qp[:, r0:r0 + rq].transpose(1, 2)                          # [B, H, rq, dq]
-        rowpos = qpos[:, r0:r0 + rq].view(b, 1, rq, 1)
-        lse_all = acc = None
-        for k0, kt, vt in tiles:
-            kpos = torch.arange(k0, k0 + n, device=q.device)
-            allowed = (kpos <= rowpos) & (kpos < ctx)                    # [B, 1, rq, n]
+        kpos = torch.arange(t0 * n, (t0 + 1) * n, device=q.device)
+        for c, r0 in enumerate(chunks):
+            qx = qp[:, r0:r0 + rq].transpose(1, 2)                      # [B, H, rq, dq]
+            allowed = (kpos <= qpos[:, r0:r0 + rq].view(b, 1, rq, 1)) & (kpos < ctx)   # [B, 1, rq, n]
             bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
             out, lse = flash(qx, kt, vt, attn_mask=bias, scale=scale)
             out = (out[..., :v_dim] if vblocks is None else out).float()
             lse = lse.masked_fill(~allowed.any(-1), float("-inf")).unsqueeze(-1)
-            if acc is None:
-                lse_all, acc = lse, out
+            if acc[c] is None:
+                lse_all[c], acc[c] = lse, out
             else:  # a tile a row has no key in adds exactly nothing (weight exp(-inf) = 0, its output 0)
-                new = torch.logaddexp(lse_all, lse)
+                new = torch.logaddexp(lse_all[c], lse)
                 safe = new.masked_fill(new == float("-inf"), 0.0)
-                acc = acc * torch.exp(lse_all - safe) + out * torch.exp(lse - safe)
-                lse_all = new
-        outs.append(acc.to(q.dtype))
+                acc[c] = acc[c] * torch.exp(lse_all[c] - safe) + out * torch.exp(lse - safe)
+                lse_all[c] = new
+        del kt, vt
+    outs = [a.to(q.dtype) for a in acc]
     out = torch.cat(outs, dim=2)[:, :, :qn]                            # [B, H, Q, dv]
     return out.transpose(1, 2).reshape(b * qn, h, v_dim).index_select(0, meta.valid_rows)
 

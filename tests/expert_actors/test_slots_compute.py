@@ -112,25 +112,25 @@ def test_auto_gemm_on_the_cpu_is_the_loop(hf_models):
     assert not ExpertSlots(load_spec(ckpt), torch.bfloat16).uses_grouped_gemm()
 
 
-def _packed_or_refused(spec) -> bool:
-    """True where this CPU runs packed bf16 (AVX-512 and up); elsewhere asserts that a shard forced to it
-    is refused by name and returns False."""
-    if packed_supported(torch.bfloat16) is None:
-        return True
-    with pytest.raises(ValueError, match="oneDNN has no bfloat16 kernels"):
-        ExpertSlots(spec, torch.bfloat16, matmul="packed")
-    return False
+def _packed_mixtral(hf_models):
+    """``(spec, reader)`` of the tiny Mixtral where this CPU runs packed bf16 (AVX-512 and up); elsewhere
+    asserts that a shard forced to it is refused by name and returns None."""
+    ckpt, _ = hf_models("mixtral")
+    spec = load_spec(ckpt)
+    if packed_supported(torch.bfloat16) is not None:
+        with pytest.raises(ValueError, match="oneDNN has no bfloat16 kernels"):
+            ExpertSlots(spec, torch.bfloat16, matmul="packed")
+        return None
+    return spec, CheckpointReader(ckpt)
 
 
 def test_packed_copies_equal_the_stack_through_loads_stages_and_unloads(hf_models):
     """bf16 experts kept in oneDNN's layout, one pair per copy: the same outputs as the stacked weights,
     through a staged copy, an unload and a reload; a released copy's memory goes back."""
-    ckpt, _ = hf_models("mixtral")
-    spec = load_spec(ckpt)
-    if not _packed_or_refused(spec):
+    if (packed := _packed_mixtral(hf_models)) is None:
         return
+    spec, reader = packed
     matmul = "packed"
-    reader = CheckpointReader(ckpt)
     shards = {m: ExpertSlots(spec, torch.bfloat16, matmul=m) for m in ("plain", matmul)}
     x = torch.randn(9, spec.hidden_size, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     batch = ([9, 10, 10, 11, 12], [2, 3, 0, 1, 3], [5, 6, 2, 7, 5])
@@ -156,12 +156,10 @@ def test_packed_copies_equal_the_stack_through_loads_stages_and_unloads(hf_model
 
 def test_a_packed_shard_computes_when_its_first_row_is_free(hf_models):
     """Row 0 released (its packed copy freed): computes on the other rows still run."""
-    ckpt, _ = hf_models("mixtral")
-    spec = load_spec(ckpt)
-    if not _packed_or_refused(spec):
+    if (packed := _packed_mixtral(hf_models)) is None:
         return
+    spec, reader = packed
     matmul = "packed"
-    reader = CheckpointReader(ckpt)
     slots = ExpertSlots(spec, torch.bfloat16, matmul=matmul)
     slots.load(reader, 0, [(0, 1), (1, 2)])
     slots.unload(0, [0])
