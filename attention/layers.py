@@ -31,9 +31,15 @@ def gqa_attention(x: torch.Tensor, w: GQAWeights, spec: ModelSpec, layer: int, c
     """Grouped-query attention: ``x [T, D]`` -> ``[T, D]``; writes K/V of new tokens."""
     t = x.shape[0]
     h, kv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    q = linear_rows(x, w.q, w.q_bias)
-    k = linear_rows(x, w.k, w.k_bias)
-    v = linear_rows(x, w.v, w.v_bias)
+    if w.qkv is not None:
+        q, k, v = linear_rows(x, w.qkv).split([h * hd, kv * hd, kv * hd], dim=-1)
+        q = q if w.q_bias is None else q + w.q_bias
+        k = k if w.k_bias is None else k + w.k_bias
+        v = v if w.v_bias is None else v + w.v_bias
+    else:
+        q = linear_rows(x, w.q, w.q_bias)
+        k = linear_rows(x, w.k, w.k_bias)
+        v = linear_rows(x, w.v, w.v_bias)
     if spec.qk_norm == "full":
         q = rms_norm(q, w.q_norm, spec.rms_norm_eps)
         k = rms_norm(k, w.k_norm, spec.rms_norm_eps)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeyard.model.amx import AmxLinear
 from moeyard.model.checkpoint import CheckpointReader
 from moeyard.model.cpu_matmul import Weight, pack
 from moeyard.model.spec import ModelSpec
@@ -33,16 +34,19 @@ class FFNWeights:
 
 @dataclass
 class GQAWeights:
-    q: Weight      # [H*hd, D]
-    k: Weight      # [KV*hd, D]
-    v: Weight      # [KV*hd, D]
-    o: Weight      # [D, H*hd]
+    q: Weight | None   # [H*hd, D]  (None once fused into qkv)
+    k: Weight | None   # [KV*hd, D]
+    v: Weight | None   # [KV*hd, D]
+    o: Weight          # [D, H*hd]
     q_bias: torch.Tensor | None = None
     k_bias: torch.Tensor | None = None
     v_bias: torch.Tensor | None = None
     o_bias: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None  # [hd] per head, or [H*hd] full
     k_norm: torch.Tensor | None = None
+    qkv: Weight | None = None
+    """``[(H + 2 KV) hd, D]``: q, k and v stacked in one weight (the AMX kernel: one call instead of three,
+    each a short call dominated by its fixed cost); then ``q``, ``k`` and ``v`` are None."""
 
 
 @dataclass
@@ -197,16 +201,22 @@ def load_attention_weights(reader: CheckpointReader, spec: ModelSpec, dtype: tor
 
 def pack_linears(weights: AttentionModelWeights, kernel: str) -> AttentionModelWeights:
     """Every projection the decode step multiplies by (attention, dense and shared-expert MLPs, the LM
-    head) as ``kernel`` (:func:`~moeyard.model.cpu_matmul.resolve_matmul`) runs it: prepacked for oneDNN
-    in place of the plain tensor, or left as it is. The embedding (a lookup), norms, biases, routers and
-    MLA's ``kv_b`` (read per head by the absorbed path, whole only by the reference path) stay plain.
+    head) as ``kernel`` (:func:`~moeyard.model.cpu_matmul.resolve_matmul`) runs it: in the AMX kernel's
+    tile order or prepacked for oneDNN in place of the plain tensor, or left as it is. The embedding (a
+    lookup), norms, biases, routers and MLA's ``kv_b`` (read per head by the absorbed path, whole only by
+    the reference path) stay plain.
     A tied LM head gets its own packed copy; the embedding stays the lookup table."""
-    if kernel != "packed":
+    if kernel == "plain":
         return weights
     for lw in weights.layers:
         a = lw.attn
         if isinstance(a, GQAWeights):
-            a.q, a.k, a.v, a.o = pack(a.q, kernel), pack(a.k, kernel), pack(a.v, kernel), pack(a.o, kernel)
+            qkv = torch.cat([a.q, a.k, a.v]) if kernel == "amx" else None
+            if qkv is not None and isinstance(fused := pack(qkv, kernel), AmxLinear):
+                a.qkv, a.q, a.k, a.v = fused, None, None, None
+            else:
+                a.q, a.k, a.v = pack(a.q, kernel), pack(a.k, kernel), pack(a.v, kernel)
+            a.o = pack(a.o, kernel)
         else:
             a.q_proj, a.q_a, a.q_b = pack(a.q_proj, kernel), pack(a.q_a, kernel), pack(a.q_b, kernel)
             a.kv_a, a.o = pack(a.kv_a, kernel), pack(a.o, kernel)

@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--quick", action="store_true", help="tiny model, 4 prompts, 8 tokens, 1 repeat (CI)")
-    ap.add_argument("--also", default="", help="more systems in the same rotation, comma-separated: 'plain' (our "
-                                               "engine with cpu_matmul=plain), 'deterministic' (ours with "
-                                               "deterministic=True)")
+    ap.add_argument("--also", default="", help="more systems in the same rotation, comma-separated: 'packed' or "
+                                               "'plain' (our engine with that cpu_matmul), 'deterministic' "
+                                               "(ours with deterministic=True)")
     args = ap.parse_args(argv)
     print_machine()
     torch.set_num_threads(args.threads)
@@ -74,11 +74,11 @@ def main(argv: list[str] | None = None) -> int:
                                             deterministic=deterministic))
 
     also = [a for a in args.also.split(",") if a]
-    unknown = set(also) - {"plain", "deterministic"}
+    unknown = set(also) - {"packed", "plain", "deterministic"}
     if unknown:
-        ap.error(f"--also: unknown system(s) {sorted(unknown)}; choose from plain, deterministic")
+        ap.error(f"--also: unknown system(s) {sorted(unknown)}; choose from packed, plain, deterministic")
     engine = make_engine()
-    extra = {f"ours_{a}": make_engine(**({"matmul": "plain"} if a == "plain" else {"deterministic": True}))
+    extra = {f"ours_{a}": make_engine(**({"deterministic": True} if a == "deterministic" else {"matmul": a}))
              for a in also}
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
     print(f"threads {args.threads}; ours: cpu_matmul {engine.matmul}, attention {engine.config.attention_backend}; "

@@ -101,10 +101,11 @@ class ClusterConfig(BaseModel):
         False, description="batch-invariant math in replicas and shards (model/batch_invariant.py): a request's "
                            "tokens do not depend on what else shares its batch, which replica serves it, the "
                            "placement or a shard restart; costs throughput (docs/benchmarks.md)")
-    cpu_matmul: Literal["auto", "packed", "plain"] = Field(
-        "auto", description="CPU matmul kernel of replicas and shards (model/cpu_matmul.py): 'packed' keeps "
-                            "bf16/fp16 weights in oneDNN's blocked layout (AVX-512 and up), 'plain' uses torch's "
-                            "matmul, 'auto' packs where it applies")
+    cpu_matmul: Literal["auto", "amx", "packed", "plain"] = Field(
+        "auto", description="CPU matmul kernel of replicas and shards (model/cpu_matmul.py): 'amx' runs bf16 "
+                            "weights on our AMX kernel (model/amx.py, CPUs with AMX-BF16), 'packed' keeps bf16 "
+                            "weights in oneDNN's blocked layout (AVX-512 and up), 'plain' uses torch's matmul, "
+                            "'auto' the first that runs here")
     engine: EngineSettings = EngineSettings()
 
     api_host: str = "127.0.0.1"

@@ -33,9 +33,10 @@ from typing import Literal
 
 import torch
 
+from moeyard.model import amx
 from moeyard.model.batch_invariant import batch_invariant
 from moeyard.model.checkpoint import CheckpointReader
-from moeyard.model.cpu_matmul import MatmulMode, PackedLinear, resolve_matmul
+from moeyard.model.cpu_matmul import MatmulMode, Weight, pack, resolve_matmul
 from moeyard.model.ffn import gemm_shapes_ok, grouped_gemm_supported, grouped_swiglu, grouped_swiglu_gemm
 from moeyard.model.spec import ModelSpec
 from moeyard.model.weight_names import expert_names
@@ -96,8 +97,8 @@ class SlotTable:
     keys: tuple[tuple[int, int], ...] = ()
     row_of: dict[tuple[int, int], int] = field(default_factory=dict)
     held: dict[int, tuple[int, ...]] = field(default_factory=dict)
-    w13: torch.Tensor | list[PackedLinear | None] | None = None
-    w2: torch.Tensor | list[PackedLinear | None] | None = None
+    w13: torch.Tensor | list[Weight | None] | None = None
+    w2: torch.Tensor | list[Weight | None] | None = None
     copy_bytes: int = 0
     """Bytes of one copy (its ``w13`` and ``w2`` rows)."""
 
@@ -124,16 +125,20 @@ class SlotTable:
 class LayerStorage:
     """One MoE layer's stacked expert weights on one shard and which rows are free.
 
-    ``packed``: each row is a pair of :class:`~moeyard.model.cpu_matmul.PackedLinear` (oneDNN's layout,
-    built per copy) in a list instead of a slice of a stacked tensor; a list grows without copying the
-    rows held. Not thread-safe: :class:`ExpertSlots` calls it under its admin lock.
+    ``kernel`` (:func:`~moeyard.model.cpu_matmul.resolve_matmul`'s answer) ``packed`` or ``amx``: each row
+    is a pair of weights in that kernel's layout (:func:`~moeyard.model.cpu_matmul.pack`, built per copy)
+    in a list instead of a slice of a stacked tensor; a list grows without copying the rows held. Not
+    thread-safe: :class:`ExpertSlots` calls it under its admin lock.
     """
 
-    def __init__(self, inter: int, hidden: int, dtype: torch.dtype, device: torch.device, packed: bool = False):
+    def __init__(self, inter: int, hidden: int, dtype: torch.dtype, device: torch.device, kernel: str = "plain"):
         self.inter, self.hidden, self.dtype, self.device = inter, hidden, dtype, device
-        self.packed = packed
-        self.w13: torch.Tensor | list[PackedLinear | None] | None = [] if packed else None
-        self.w2: torch.Tensor | list[PackedLinear | None] | None = [] if packed else None
+        if kernel == "amx" and not (amx.fits(2 * inter, hidden) and amx.fits(hidden, inter)):
+            kernel = "packed"  # a copy's two projections run as one kind: the AMX tiles need both to fit
+        self.kernel = kernel
+        self.packed = kernel != "plain"
+        self.w13: torch.Tensor | list[Weight | None] | None = [] if self.packed else None
+        self.w2: torch.Tensor | list[Weight | None] | None = [] if self.packed else None
         self.free: list[int] = []
         self.retired: list[tuple[int, int]] = []
         """``(generation, row)``: rows released by the swap to ``generation``, not yet reusable."""
@@ -177,7 +182,7 @@ class LayerStorage:
 
     def write(self, row: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
         if self.packed:
-            self.w13[row], self.w2[row] = PackedLinear(w13), PackedLinear(w2)
+            self.w13[row], self.w2[row] = pack(w13, self.kernel), pack(w2, self.kernel)
             return
         self.w13[row].copy_(w13)
         self.w2[row].copy_(w2)
@@ -207,9 +212,10 @@ class ExpertSlots:
             the CPU's row buckets), ``auto``: grouped where the device and dtype support it and the
             device is not the CPU (on CPUs torch's grouped GEMM runs the loop's kernels, measured no
             faster, and without the row buckets that keep oneDNN's kernel cache small).
-        matmul: the CPU's matmul kernel (:mod:`moeyard.model.cpu_matmul`): ``packed`` keeps each copy in
-            oneDNN's layout (the loop then runs on those), ``plain`` the stacked tensors, ``auto``
-            ``packed`` where it applies.
+        matmul: the CPU's matmul kernel (:mod:`moeyard.model.cpu_matmul`): ``amx`` keeps each copy in the
+            AMX kernel's tile order (a layer's segments then run in one call per projection), ``packed``
+            in oneDNN's layout (the loop then runs on those), ``plain`` the stacked tensors, ``auto`` the
+            first of these that runs here.
         deterministic: batch-invariant math (:mod:`moeyard.model.batch_invariant`): a token's expert output
             does not depend on the other tokens of its segment (the per-row loop, in calls of fixed rows).
     """
@@ -229,10 +235,11 @@ class ExpertSlots:
         self.deterministic = deterministic
         self.matmul = resolve_matmul("plain" if matmul == "auto" and gemm == "grouped" else matmul, dtype,
                                      self.device)
-        if self.matmul == "packed" and gemm == "grouped":
-            raise ValueError("gemm 'grouped' needs the stacked weights; matmul 'packed' keeps each copy apart")
+        if self.matmul != "plain" and gemm == "grouped":
+            raise ValueError(f"gemm 'grouped' needs the stacked weights; matmul {self.matmul!r} keeps each copy "
+                             "apart")
         inter, d = spec.moe.intermediate_size, spec.hidden_size
-        self._storage = {i: LayerStorage(inter, d, dtype, self.device, packed=self.matmul == "packed")
+        self._storage = {i: LayerStorage(inter, d, dtype, self.device, kernel=self.matmul)
                          for i in range(spec.num_moe_layers)}
         self._tables: dict[int, SlotTable] = {i: SlotTable(i) for i in range(spec.num_moe_layers)}
         self._admin_lock = threading.Lock()  # serialises load/unload; compute never takes it
@@ -267,7 +274,7 @@ class ExpertSlots:
 
     def uses_grouped_gemm(self) -> bool:
         """Whether :meth:`compute` runs one grouped GEMM per projection (else the per-row loop)."""
-        if self.gemm == "loop" or self.matmul == "packed" or self.deterministic:
+        if self.gemm == "loop" or self.matmul != "plain" or self.deterministic:
             return False
         moe = self.spec.moe
         ok = gemm_shapes_ok(self.spec.hidden_size, moe.intermediate_size, self.dtype) and \

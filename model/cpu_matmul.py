@@ -12,13 +12,18 @@ The kernels (:data:`MatmulMode`):
   decode runs 1.18-1.25x faster on an AMX Xeon, with bit-identical results (``docs/benchmarks.md``).
   For bf16 where oneDNN computes it natively or with AVX-512 conversions
   (``torch.ops.mkldnn._is_mkldnn_bf16_supported``: AVX-512 and up).
+* ``amx``: on CPUs with AMX-BF16 tiles, bf16 weights in the tile order of our own kernel
+  (:mod:`moeyard.model.amx`, JIT-built at first use): a layer's experts run in one call per projection,
+  streaming the weights nearer the memory's bandwidth than one oneDNN call per expert, and every
+  linear's rows are batch-invariant. Weights whose shape it cannot take (a dimension not a multiple of
+  32) stay ``packed``.
 * ``plain``: torch's matmul. fp32 always runs here (MKL, the kernels ``transformers`` uses, so fp32
   greedy parity stays exact; oneDNN's fp32 sums in another order), and so do fp16 and bf16 on CPUs
   without oneDNN bf16 support (AVX2: torch's own bf16 kernels).
 
-``auto`` picks ``packed`` where it applies, else ``plain``. The packed weight replaces the plain one
-(no second copy): :class:`PackedLinear` holds it with its shape and dtype, and :func:`linear` runs
-either kind.
+``auto`` picks ``amx`` where it runs (its build included), else ``packed`` where that applies, else
+``plain``. The packed weight replaces the plain one (no second copy): :class:`PackedLinear` or
+:class:`~moeyard.model.amx.AmxLinear` holds it with its shape and dtype, and :func:`linear` runs any kind.
 """
 
 from __future__ import annotations
@@ -28,8 +33,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-MatmulMode = Literal["auto", "packed", "plain"]
-MATMUL_MODES: tuple[str, ...] = ("auto", "packed", "plain")
+from moeyard.model import amx
+from moeyard.model.amx import AmxLinear
+
+MatmulMode = Literal["auto", "amx", "packed", "plain"]
+MATMUL_MODES: tuple[str, ...] = ("auto", "amx", "packed", "plain")
+Kernel = Literal["amx", "packed", "plain"]
 IsaClass = Literal["amx", "avx512_bf16", "avx512", "avx2", "baseline"]
 
 _PACK_HINT_ROWS = 16
@@ -62,17 +71,30 @@ def packed_supported(dtype: torch.dtype) -> str | None:
     return None
 
 
-def resolve_matmul(mode: str, dtype: torch.dtype, device: torch.device | str) -> Literal["packed", "plain"]:
+def amx_supported(dtype: torch.dtype) -> str | None:
+    """None when ``dtype`` weights can run on the AMX kernel here (building it if need be), else why not."""
+    if dtype != torch.bfloat16:
+        return f"the AMX kernel is bfloat16 only, not {str(dtype).removeprefix('torch.')}"
+    return amx.unavailable()
+
+
+def resolve_matmul(mode: str, dtype: torch.dtype, device: torch.device | str) -> Kernel:
     """The kernel ``mode`` means for ``dtype`` weights on ``device``; ValueError for an unknown mode or a
-    forced ``packed`` that cannot run here (the message says why)."""
+    forced ``amx`` or ``packed`` that cannot run here (the message says why)."""
     if mode not in MATMUL_MODES:
         raise ValueError(f"matmul must be one of {', '.join(MATMUL_MODES)}, got {mode!r}")
     if mode == "plain":
         return "plain"
     if torch.device(device).type != "cpu":
-        if mode == "packed":
-            raise ValueError(f"matmul 'packed' is a CPU kernel; the weights are on {device}")
+        if mode != "auto":
+            raise ValueError(f"matmul {mode!r} is a CPU kernel; the weights are on {device}")
         return "plain"
+    if mode in ("auto", "amx"):
+        why = amx_supported(dtype)
+        if why is None:
+            return "amx"
+        if mode == "amx":
+            raise ValueError(f"matmul 'amx' cannot run here: {why}")
     why = packed_supported(dtype)
     if why is not None:
         if mode == "packed":
@@ -106,19 +128,27 @@ class PackedLinear:
         return f"PackedLinear(shape={tuple(self.shape)}, dtype={self.dtype})"
 
 
-Weight = torch.Tensor | PackedLinear
-"""A linear layer's weight ``[N, K]``: plain, or packed for oneDNN."""
+Weight = torch.Tensor | PackedLinear | AmxLinear
+"""A linear layer's weight ``[N, K]``: plain, packed for oneDNN, or in the AMX kernel's tile order."""
 
 
 def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` for either kind of weight: ``x [T, K]`` -> ``[T, N]``."""
-    if isinstance(w, PackedLinear):
-        return w(x, b)
-    return F.linear(x, w, b)
+    """``F.linear`` for any kind of weight: ``x [T, K]`` -> ``[T, N]``."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, b)
+    return w(x, b)
+
+
+def is_batch_invariant(w: Weight) -> bool:
+    """Whether a row's product with ``w`` never depends on the other rows of the call (the AMX kernel)."""
+    return isinstance(w, AmxLinear)
 
 
 def pack(w: torch.Tensor | None, kernel: str) -> Weight | None:
-    """``w`` as the ``kernel`` (``resolve_matmul``'s answer) runs it: packed, or as it is."""
-    if w is None or kernel != "packed":
+    """``w`` as the ``kernel`` (``resolve_matmul``'s answer) runs it: in the AMX kernel's order (where
+    its shape fits, else packed for oneDNN), packed, or as it is."""
+    if w is None or kernel == "plain":
         return w
+    if kernel == "amx" and amx.fits(*w.shape):
+        return AmxLinear(w)
     return PackedLinear(w)

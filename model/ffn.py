@@ -5,7 +5,9 @@ segment. Two ways to run them, the same numbers up to rounding:
 
 * :func:`grouped_swiglu` (the loop): one matmul pair per slot that received tokens;
   the reference in tests, and what runs on the CPU, where torch's grouped GEMM calls
-  the same per-group kernels (measured no faster, docs/benchmarks.md);
+  the same per-group kernels (measured no faster, docs/benchmarks.md); with weights in
+  the AMX kernel's order (:class:`~moeyard.model.amx.AmxLinear`) all slots run in one
+  kernel call per projection instead;
 * :func:`grouped_swiglu_gemm`: one grouped GEMM per projection for all slots
   (``torch.nn.functional.grouped_mm``) over the shard's stacked ``[C, 2I, D]`` /
   ``[C, D, I]`` weights, where the device and dtype support it (CUDA bf16).
@@ -31,8 +33,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from moeyard.model import batch_invariant
-from moeyard.model.cpu_matmul import Weight, linear
+from moeyard.model import amx, batch_invariant
+from moeyard.model.amx import AmxLinear
+from moeyard.model.cpu_matmul import Weight, is_batch_invariant, linear
 from moeyard.model.devices import host_tensor_to
 
 
@@ -64,6 +67,11 @@ def grouped_swiglu(x: torch.Tensor, counts: list[int] | torch.Tensor, w13: torch
     if not slot_index:
         return out
     inter = w2[slot_index[0]].shape[-1]   # (a packed shard's free rows are None)
+    if isinstance(w13[slot_index[0]], AmxLinear) and isinstance(w2[slot_index[0]], AmxLinear):
+        # one kernel call per projection for every segment; batch-invariant as it is
+        h = amx.grouped_linear(x, counts, [w13[w].packed for w in slot_index])
+        act = F.silu(h[:, :inter]) * h[:, inter:]
+        return amx.grouped_linear(act, counts, [w2[w].packed for w in slot_index])
     if batch_invariant.enabled():  # each segment in calls of a fixed row count (model/batch_invariant.py)
         start = 0
         for s, n in enumerate(counts):
@@ -191,6 +199,8 @@ def linear_rows(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> to
     CPU, see the module docstring): the token count of an engine step varies from step to step, and
     each new count would compile (and keep) another oneDNN kernel. Returns ``[T, N]``."""
     t = x.shape[0]
+    if is_batch_invariant(w):  # the AMX kernel: no per-shape code, each row's sum independent of the rest
+        return linear(x, w, b)
     if batch_invariant.enabled() and x.dim() == 2:
         return batch_invariant.fixed_rows(lambda c: linear(c, w, b), x)
     if x.dim() != 2 or not uses_row_buckets(x) or bucket_rows(t) == t:

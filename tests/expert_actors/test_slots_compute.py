@@ -7,8 +7,9 @@ import torch
 from safetensors import safe_open
 
 from moeyard.expert_actors.slots import ExpertSlots
+from moeyard.model.amx import AmxLinear
 from moeyard.model.checkpoint import CheckpointReader
-from moeyard.model.cpu_matmul import packed_supported
+from moeyard.model.cpu_matmul import PackedLinear, amx_supported, packed_supported
 from moeyard.model.spec import load_spec
 from tests.model.test_ffn import _ffn_ref_token
 
@@ -112,25 +113,39 @@ def test_auto_gemm_on_the_cpu_is_the_loop(hf_models):
     assert not ExpertSlots(load_spec(ckpt), torch.bfloat16).uses_grouped_gemm()
 
 
-def _packed_mixtral(hf_models):
-    """``(spec, reader)`` of the tiny Mixtral where this CPU runs packed bf16 (AVX-512 and up); elsewhere
-    asserts that a shard forced to it is refused by name and returns None."""
+KERNELS = ("packed", "amx")
+"""The CPU kernels that keep each expert copy apart (each proven where this CPU runs it, refused elsewhere)."""
+
+
+def _kernel_mixtral(hf_models, matmul: str):
+    """``(spec, reader)`` of the tiny Mixtral where this CPU runs ``matmul`` on bf16 (``packed``: AVX-512 and
+    up; ``amx``: AMX-BF16); elsewhere asserts that a shard forced to it is refused by name and returns None."""
     ckpt, _ = hf_models("mixtral")
     spec = load_spec(ckpt)
-    if packed_supported(torch.bfloat16) is not None:
-        with pytest.raises(ValueError, match="oneDNN has no bfloat16 kernels"):
-            ExpertSlots(spec, torch.bfloat16, matmul="packed")
+    why = packed_supported(torch.bfloat16) if matmul == "packed" else amx_supported(torch.bfloat16)
+    if why is not None:
+        with pytest.raises(ValueError, match=f"matmul '{matmul}' cannot run here"):
+            ExpertSlots(spec, torch.bfloat16, matmul=matmul)
         return None
     return spec, CheckpointReader(ckpt)
 
 
-def test_packed_copies_equal_the_stack_through_loads_stages_and_unloads(hf_models):
-    """bf16 experts kept in oneDNN's layout, one pair per copy: the same outputs as the stacked weights,
+def _same(got: torch.Tensor, want: torch.Tensor, matmul: str) -> None:
+    """packed: bit-identical to the stack (the same oneDNN sums); amx: its own fp32 sums, within bf16's
+    tolerance (tests/model/test_amx.py bounds a single product by one rounding)."""
+    if matmul == "packed":
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("matmul", KERNELS)
+def test_kernel_copies_equal_the_stack_through_loads_stages_and_unloads(hf_models, matmul):
+    """bf16 experts kept in the kernel's layout, one pair per copy: the same outputs as the stacked weights,
     through a staged copy, an unload and a reload; a released copy's memory goes back."""
-    if (packed := _packed_mixtral(hf_models)) is None:
+    if (loaded := _kernel_mixtral(hf_models, matmul)) is None:
         return
-    spec, reader = packed
-    matmul = "packed"
+    spec, reader = loaded
     shards = {m: ExpertSlots(spec, torch.bfloat16, matmul=m) for m in ("plain", matmul)}
     x = torch.randn(9, spec.hidden_size, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     batch = ([9, 10, 10, 11, 12], [2, 3, 0, 1, 3], [5, 6, 2, 7, 5])
@@ -138,8 +153,10 @@ def test_packed_copies_equal_the_stack_through_loads_stages_and_unloads(hf_model
         s.load(reader, 1, [(9, 5), (10, 2), (11, 7), (12, 5)])
         s.load(reader, 1, [(10, 6)], stage=True)
     got, want = (shards[m].compute(1, *batch[:2], x, batch[2]) for m in (matmul, "plain"))
-    assert torch.equal(got, want)
+    _same(got, want, matmul)
     packed = shards[matmul]
+    kind = PackedLinear if matmul == "packed" else AmxLinear     # the tiny Mixtral's 64 x 96 fits the tiles
+    assert packed.matmul == matmul and all(isinstance(w, kind) for w in packed.table(1).w13 if w is not None)
     assert isinstance(packed.table(1).w13, list) and packed.nbytes() == shards["plain"].nbytes()
     copy = 3 * spec.moe.intermediate_size * spec.hidden_size * 2
     assert packed.reserved_bytes() == 5 * copy                      # the copies written, no spare rows
@@ -149,17 +166,17 @@ def test_packed_copies_equal_the_stack_through_loads_stages_and_unloads(hf_model
     assert packed.reserved_bytes() == 4 * copy                      # the released copies' memory went back
     batch = ([9, 10, 11, 12], [2, 3, 1, 3], [5, 6, 3, 5])
     got, want = (shards[m].compute(1, *batch[:2], x, batch[2]) for m in (matmul, "plain"))
-    assert torch.equal(got, want)
-    with pytest.raises(ValueError, match="matmul 'packed' keeps each copy apart"):
+    _same(got, want, matmul)
+    with pytest.raises(ValueError, match=f"matmul '{matmul}' keeps each copy apart"):
         ExpertSlots(spec, torch.bfloat16, gemm="grouped", matmul=matmul)
 
 
-def test_a_packed_shard_computes_when_its_first_row_is_free(hf_models):
+@pytest.mark.parametrize("matmul", KERNELS)
+def test_a_kernel_shard_computes_when_its_first_row_is_free(hf_models, matmul):
     """Row 0 released (its packed copy freed): computes on the other rows still run."""
-    if (packed := _packed_mixtral(hf_models)) is None:
+    if (loaded := _kernel_mixtral(hf_models, matmul)) is None:
         return
-    spec, reader = packed
-    matmul = "packed"
+    spec, reader = loaded
     slots = ExpertSlots(spec, torch.bfloat16, matmul=matmul)
     slots.load(reader, 0, [(0, 1), (1, 2)])
     slots.unload(0, [0])
@@ -167,4 +184,4 @@ def test_a_packed_shard_computes_when_its_first_row_is_free(hf_models):
     x = torch.randn(3, spec.hidden_size, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     ref = ExpertSlots(spec, torch.bfloat16, matmul="plain")
     ref.load(reader, 0, [(1, 2)])
-    assert torch.equal(slots.compute(0, [1], [3], x, [2]), ref.compute(0, [1], [3], x, [2]))
+    _same(slots.compute(0, [1], [3], x, [2]), ref.compute(0, [1], [3], x, [2]), matmul)

@@ -7,7 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeyard.model.cpu_matmul import PackedLinear, isa_class, linear, pack, packed_supported, resolve_matmul
+from moeyard.model.cpu_matmul import (
+    PackedLinear,
+    amx_supported,
+    isa_class,
+    linear,
+    pack,
+    packed_supported,
+    resolve_matmul,
+)
 from moeyard.model.ffn import grouped_swiglu, linear_rows
 
 PACKED_DTYPES = [d for d in (torch.bfloat16,) if packed_supported(d) is None]
@@ -29,7 +37,11 @@ def test_isa_class_and_what_auto_means_here():
     assert cls in ("amx", "avx512_bf16", "avx512", "avx2", "baseline")
     assert resolve_matmul("auto", torch.float32, "cpu") == "plain"           # MKL: parity with transformers
     want = "packed" if torch.bfloat16 in PACKED_DTYPES else "plain"
+    if amx_supported(torch.bfloat16) is None:                                # AMX tiles, and the kernel built
+        want = "amx"
     assert resolve_matmul("auto", torch.bfloat16, "cpu") == want
+    if cls != "amx":
+        assert amx_supported(torch.bfloat16) == "this CPU has no AMX-BF16 tiles"
     if cls in ("amx", "avx512_bf16", "avx512"):
         assert torch.bfloat16 in PACKED_DTYPES                               # oneDNN bf16 from AVX-512 up
     assert resolve_matmul("plain", torch.bfloat16, "cpu") == "plain"
@@ -37,7 +49,7 @@ def test_isa_class_and_what_auto_means_here():
 
 
 def test_refusals_name_the_reason():
-    with pytest.raises(ValueError, match="matmul must be one of auto, packed, plain"):
+    with pytest.raises(ValueError, match="matmul must be one of auto, amx, packed, plain"):
         resolve_matmul("fast", torch.bfloat16, "cpu")
     with pytest.raises(ValueError, match="float32 runs on MKL"):
         resolve_matmul("packed", torch.float32, "cpu")
@@ -45,6 +57,8 @@ def test_refusals_name_the_reason():
         resolve_matmul("packed", torch.float16, "cpu")
     with pytest.raises(ValueError, match="a CPU kernel; the weights are on meta"):
         resolve_matmul("packed", torch.bfloat16, "meta")
+    with pytest.raises(ValueError, match="'amx' cannot run here: the AMX kernel is bfloat16 only, not float32"):
+        resolve_matmul("amx", torch.float32, "cpu")
     if torch.bfloat16 not in PACKED_DTYPES:   # e.g. an AVX2-only CPU: forcing it is a clear error
         with pytest.raises(ValueError, match="oneDNN has no bfloat16 kernels on this CPU"):
             resolve_matmul("packed", torch.bfloat16, "cpu")
