@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -54,7 +55,13 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     top_k_override: int | None = None
+    """Experts per token instead of the checkpoint's ``top_k`` (DS-MoE: dense-trained, sparse at inference)."""
     capacity_factor: float | None = None
+    """Switch-style capacity: each expert takes at most ``ceil(factor * T * A / E)`` assignments of a step
+    (``T`` its tokens); ``None``: no limit."""
+    overflow: Literal["drop", "reroute"] = "drop"
+    """Past an expert's capacity: ``drop`` (the token keeps its residual for it) or ``reroute`` (to its
+    next-best expert with room; :func:`~moeyard.router_service.gate.limit_capacity`)."""
     num_threads: int | None = None
     overlap: bool = False
     """Split steps into two micro-batches so attention of one overlaps the
@@ -68,8 +75,9 @@ class EngineConfig:
     or ``gather`` (the reference: whole contexts gathered, MLA expanded)."""
     cpu_matmul: MatmulMode = "auto"
     """The CPU's matmul kernel for the projections, LM head and (in-process) experts
-    (:mod:`moeyard.model.cpu_matmul`): ``packed`` (weights in oneDNN's layout, bf16/fp16 on AVX-512 and
-    up), ``plain`` (torch's matmul), ``auto`` (``packed`` where it applies)."""
+    (:mod:`moeyard.model.cpu_matmul`): ``amx`` (our AMX kernel, bf16 on AMX-BF16 CPUs), ``packed``
+    (weights in oneDNN's layout, bf16 on AVX-512 and up), ``plain`` (torch's matmul), ``auto`` (the
+    first of these that runs here)."""
     deterministic: bool = False
     """Batch-invariant math (:mod:`moeyard.model.batch_invariant`): a request's tokens do not depend on
     what else shares its steps, on how its prompt was chunked, or on the placement; costs throughput
@@ -124,7 +132,7 @@ class LLMEngine:
         router = None
         if spec.moe is not None:
             gate_cfg = GateConfig.from_spec(spec.moe, config.top_k_override, config.capacity_factor,
-                                           family=spec.family)
+                                           family=spec.family, overflow=config.overflow)
             gates = [GateParams(lw.moe.router, lw.moe.correction_bias)
                      for lw in weights.layers if lw.moe is not None]
             self.placement = placement or round_robin_placement(spec.num_moe_layers, spec.moe.num_experts, 1)
@@ -241,6 +249,7 @@ class LLMEngine:
 
     def _forward(self, mbs):
         if self.router is not None:
+            self.router.begin_step(sum(int(ids.shape[0]) for ids, _, _ in mbs))  # capacity counts per step
             with self.router.dispatcher.step():  # placements switch between steps, never inside one
                 return self.runner.forward_microbatches(mbs)
         return self.runner.forward_microbatches(mbs)

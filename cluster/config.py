@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from moeyard.cluster.settings.autoscaler import AutoscalerSettings
 from moeyard.cluster.settings.dashboard import DashboardSettings
@@ -101,6 +101,17 @@ class ClusterConfig(BaseModel):
         False, description="batch-invariant math in replicas and shards (model/batch_invariant.py): a request's "
                            "tokens do not depend on what else shares its batch, which replica serves it, the "
                            "placement or a shard restart; costs throughput (docs/benchmarks.md)")
+    moe_top_k: int | None = Field(
+        None, ge=1, description="experts per token the router chooses, instead of the checkpoint's top_k "
+                                "(DS-MoE: dense-trained, sparse at inference); at most the model's experts")
+    capacity_factor: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="Switch-style expert capacity: each expert takes at most ceil(factor * T * A / E) "
+                    "(token, expert) assignments of an engine step of T tokens (counted over the whole step, "
+                    "before any micro-batch split); None: no limit")
+    overflow: Literal["drop", "reroute"] = Field(
+        "drop", description="an assignment past its expert's capacity: 'drop' (the token keeps its residual "
+                            "for it) or 'reroute' (to the token's next-best expert with room)")
     cpu_matmul: Literal["auto", "amx", "packed", "plain"] = Field(
         "auto", description="CPU matmul kernel of replicas and shards (model/cpu_matmul.py): 'amx' runs bf16 "
                             "weights on our AMX kernel (model/amx.py, CPUs with AMX-BF16), 'packed' keeps bf16 "
@@ -125,6 +136,13 @@ class ClusterConfig(BaseModel):
     kubernetes: KubernetesSettings | None = None
     """How ``moeyard render-k8s`` deploys this config on KubeRay (ignored by ``moeyard up``)."""
 
+    @model_validator(mode="after")
+    def _capacity_not_deterministic(self):
+        if self.deterministic and self.capacity_factor is not None:
+            raise ValueError("deterministic cannot be combined with capacity_factor: which tokens overflow an "
+                             "expert depends on the rest of the batch")
+        return self
+
     @field_validator("placement")
     @classmethod
     def _rect(cls, v):
@@ -140,6 +158,24 @@ class ClusterConfig(BaseModel):
 
     def dashboard_token_file(self) -> Path:
         return Path(self.dashboard.token_file) if self.dashboard.token_file else self.token_file()
+
+
+def check_moe_options(cfg: ClusterConfig, spec) -> None:
+    """ValueError naming the option when ``cfg``'s MoE serving options do not fit the model ``spec``
+    (a :class:`~moeyard.model.spec.ModelSpec`): a dense model, or a ``moe_top_k`` the router cannot pick."""
+    from moeyard.router_service.gate import GateConfig
+
+    if spec.moe is None:
+        for name in ("moe_top_k", "capacity_factor"):
+            if getattr(cfg, name) is not None:
+                raise ValueError(f"{name} applies to MoE models; {spec.family} at {cfg.model_dir()} is dense")
+        return
+    if cfg.moe_top_k is not None:
+        try:
+            GateConfig.from_spec(spec.moe, cfg.moe_top_k, family=spec.family)
+        except ValueError as e:
+            raise ValueError(f"moe_top_k {cfg.moe_top_k} does not fit {spec.family} "
+                             f"({spec.moe.num_experts} experts): {e}") from None
 
 
 def load_config(path: str | Path | None, **overrides) -> ClusterConfig:

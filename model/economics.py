@@ -92,6 +92,7 @@ class Economics:
     num_moe_layers: int
     num_experts: int
     top_k: int
+    """Experts per token served (a deployment's ``moe_top_k``, else the checkpoint's)."""
     total_params: int
     active_params: int
     """Parameters one token uses: everything but the routed experts, plus ``top_k`` routed experts per MoE layer."""
@@ -99,11 +100,14 @@ class Economics:
     dense_equivalent_params: float
     """Epoch AI's heuristic: ``total / (E ** 0.44 / A ** 0.63)``."""
     bytes_per_param: int
+    checkpoint_top_k: int = 0
+    """The checkpoint's own experts per token (``top_k`` differs when the deployment overrides it)."""
 
 
 
-def economics(model_dir: str | Path) -> Economics:
-    """Parameter counts of the checkpoint in ``model_dir`` (headers and config only)."""
+def economics(model_dir: str | Path, top_k: int | None = None) -> Economics:
+    """Parameter counts of the checkpoint in ``model_dir`` (headers and config only); ``top_k``: experts per
+    token served, when a deployment overrides the checkpoint's (active and dense-equivalent counts follow)."""
     spec = load_spec(model_dir)
     reader = CheckpointReader(model_dir)
     names = reader.names()
@@ -142,7 +146,10 @@ def economics(model_dir: str | Path) -> Economics:
         num_experts = top_k = 0
         active = total
     else:
-        num_experts, top_k = spec.moe.num_experts, spec.moe.top_k
+        num_experts = spec.moe.num_experts
+        if top_k is not None and not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k {top_k} must be in [1, {num_experts}] (the model's experts)")
+        top_k = top_k or spec.moe.top_k
         used = Fraction(0)
         for layer, n in routed_by_layer.items():
             stored = max(len(experts_by_layer.get(layer, ())), fused_experts_by_layer.get(layer, 0))
@@ -166,4 +173,5 @@ def economics(model_dir: str | Path) -> Economics:
         routed_expert_params=routed,
         dense_equivalent_params=dense_equivalent(total, num_experts, top_k),
         bytes_per_param=bytes_per_param,
+        checkpoint_top_k=spec.moe.top_k if spec.moe else 0,
     )

@@ -133,8 +133,9 @@ class ModelSpec:
         """Index of decoder layer ``layer`` among the MoE layers (0..L-1)."""
         return self.moe_layers.index(layer)
 
-    def total_and_active_params(self) -> tuple[int, int]:
-        """(total, active per token) parameter counts, embeddings included."""
+    def total_and_active_params(self, top_k: int | None = None) -> tuple[int, int]:
+        """(total, active per token) parameter counts, embeddings included; ``top_k``: experts per token
+        served (default the checkpoint's)."""
         d = self.hidden_size
         if self.mla:
             m = self.mla
@@ -151,7 +152,7 @@ class ModelSpec:
                 per_expert = 3 * d * self.moe.intermediate_size
                 shared = 3 * d * self.moe.shared_intermediate_size
                 total += self.moe.num_experts * per_expert + shared + d * self.moe.num_experts
-                active += self.moe.top_k * per_expert + shared + d * self.moe.num_experts
+                active += (top_k or self.moe.top_k) * per_expert + shared + d * self.moe.num_experts
             else:
                 total += 3 * d * self.dense_intermediate_size
                 active += 3 * d * self.dense_intermediate_size

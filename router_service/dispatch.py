@@ -38,16 +38,33 @@ class DispatchPlan:
     top_k: int
     order: torch.Tensor
     slots: torch.Tensor
-    """``[T, A]`` chosen slots."""
+    """``[T, A]`` chosen slots (``num_slots`` for a dropped assignment)."""
+    num_sent: int | None = None
+    """Assignments sent (the first ``num_sent`` of ``order``); None: all ``T * A``."""
+
+
+def _choose_sent_slots(placement: Placement, moe_layer: int, ids: torch.Tensor, turn: int) -> torch.Tensor:
+    """``choose_slots`` for ``ids [T, A]`` with ``-1`` (dropped) entries: those get slot ``num_slots``, which
+    sorts after every real slot; the others are chosen as if the dropped ones were not there."""
+    sent = ids >= 0
+    slots = torch.full_like(ids, placement.num_slots)
+    try:
+        slots[sent] = placement.choose_slots(moe_layer, ids[sent].view(-1, 1), turn).view(-1)
+    except ExpertsUnavailable as e:  # its rows index the sent assignments: name the tokens instead
+        token_of = sent.nonzero()[:, 0].tolist()
+        e.rows = sorted({token_of[r] for r in e.rows}) if e.rows is not None else None
+        raise
+    return slots
 
 
 def plan_dispatch(hidden: torch.Tensor, ids: torch.Tensor, placement: Placement,
-                  moe_layer: int, turn: int = 0) -> tuple[DispatchPlan, list[ShardBatch]]:
+                  moe_layer: int, turn: int = 0, has_dropped: bool = False) -> tuple[DispatchPlan, list[ShardBatch]]:
     """Group the assignments of one MoE layer by shard, each token once per shard.
 
     Args:
         hidden: ``[T, D]`` tokens after the post-attention norm.
-        ids: ``[T, A]`` logical experts chosen by the gate.
+        ids: ``[T, A]`` logical experts chosen by the gate; with ``has_dropped``, ``-1`` marks an
+            assignment the capacity limit dropped (not sent; it adds nothing to its token).
         turn: rotates which copy of a replicated expert comes first (``Placement.choose_slots``).
     Returns the plan (to combine later) and one batch per involved shard: its distinct tokens
     ``[U_s, D]`` (ascending token order) and, per (token, expert) row in slot order, the row of those.
@@ -57,19 +74,23 @@ def plan_dispatch(hidden: torch.Tensor, ids: torch.Tensor, placement: Placement,
     """
     t, a = ids.shape
     dev = hidden.device
-    slots = placement.choose_slots(moe_layer, ids, turn)
+    slots = _choose_sent_slots(placement, moe_layer, ids, turn) if has_dropped else \
+        placement.choose_slots(moe_layer, ids, turn)
     flat = slots.reshape(-1)                                   # [T*A]
     order = torch.argsort(flat, stable=True)                   # (token, expert) rows in slot order
     sps, num_shards = placement.slots_per_shard, placement.num_shards
-    per_slot = torch.bincount(flat, minlength=placement.num_slots)
+    extra = 1 if has_dropped else 0                            # dropped rows: one more "shard" after the last
+    per_slot = torch.bincount(flat, minlength=placement.num_slots + extra)[:placement.num_slots]
     # which (shard, token) pairs occur: [num_shards, T]; its running count numbers them shard-major
-    pair = ((slots // sps) * t + torch.arange(t, device=dev).unsqueeze(1)).reshape(-1)
-    seen = torch.zeros(num_shards * t, dtype=torch.int32, device=dev).index_fill_(0, pair, 1)
-    per_shard = seen.view(num_shards, t).sum(1)
+    pair = ((slots // sps).clamp(max=num_shards) * t + torch.arange(t, device=dev).unsqueeze(1)).reshape(-1)
+    seen = torch.zeros((num_shards + extra) * t, dtype=torch.int32, device=dev).index_fill_(0, pair, 1)
+    if extra:
+        seen[num_shards * t:] = 0                              # dropped rows name no token to send
+    per_shard = seen[:num_shards * t].view(num_shards, t).sum(1)
     host = torch.cat([per_slot, per_shard]).tolist()           # the one host sync
     per_slot_l, per_shard_l = host[:placement.num_slots], host[placement.num_slots:]
     numbered = torch.cumsum(seen, 0, dtype=torch.int32)        # 1 + index of each (shard, token) among all pairs
-    distinct = torch.nonzero_static(seen.view(num_shards, t), size=sum(per_shard_l))[:, 1]   # [sum U_s] tokens
+    distinct = torch.nonzero_static(seen[:num_shards * t].view(num_shards, t), size=sum(per_shard_l))[:, 1]
     x = hidden.index_select(0, distinct)
     global_row = numbered.index_select(0, pair.index_select(0, order))  # [N] 1 + rows of x in slot order (int32)
     uniq_l = [p for p, n in enumerate(per_slot_l) if n]
@@ -94,7 +115,7 @@ def plan_dispatch(hidden: torch.Tensor, ids: torch.Tensor, placement: Placement,
                                   token_rows=global_row[start:start + n] - (u0 + 1)))
         start += n
         i = j
-    return DispatchPlan(t, a, order, slots), batches
+    return DispatchPlan(t, a, order, slots, num_sent=start if has_dropped else None), batches
 
 
 def combine(plan: DispatchPlan, outputs: list[torch.Tensor], weights: torch.Tensor,
@@ -113,8 +134,12 @@ def combine(plan: DispatchPlan, outputs: list[torch.Tensor], weights: torch.Tens
         y_sorted = torch.cat([o.to(device) for o in outputs], dim=0)
     else:
         y_sorted = outputs[0].to(device)
-    y = torch.empty_like(y_sorted)
-    y[plan.order] = y_sorted
+    if plan.num_sent is None:
+        y = torch.empty_like(y_sorted)
+        y[plan.order] = y_sorted
+    else:  # dropped assignments: zero rows (their weight is 0, and 0 * garbage could be NaN)
+        y = y_sorted.new_zeros(plan.num_tokens * plan.top_k, y_sorted.shape[-1])
+        y[plan.order[:plan.num_sent]] = y_sorted
     y = y.view(plan.num_tokens, plan.top_k, -1)
     w = weights.to(y.dtype).unsqueeze(-1)
     out = y[:, 0] * w[:, 0]
@@ -133,6 +158,8 @@ class PendingExperts:
     ids: torch.Tensor
     plan: DispatchPlan | None = None
     future: "Future[list[torch.Tensor]] | None" = None
+    has_dropped: bool = False
+    """``ids`` holds ``-1`` for assignments the capacity limit dropped."""
 
 
 class ExpertDispatcher:
@@ -227,16 +254,18 @@ class ExpertDispatcher:
                 return False
 
     def submit(self, moe_layer: int, hidden: torch.Tensor, weights: torch.Tensor,
-               ids: torch.Tensor) -> PendingExperts:
-        """Send one layer's routed work; returns at once."""
-        p = PendingExperts(moe_layer, hidden, weights, ids)
+               ids: torch.Tensor, has_dropped: bool = False) -> PendingExperts:
+        """Send one layer's routed work; returns at once. ``has_dropped``: ``ids`` marks dropped
+        assignments with ``-1`` (neither sent nor counted as load)."""
+        p = PendingExperts(moe_layer, hidden, weights, ids, has_dropped=has_dropped)
         if hidden.shape[0]:
             placement = self._live_placement()  # one epoch for the whole layer
             self._turn += 1
-            p.plan, batches = plan_dispatch(hidden, ids, placement, moe_layer, self._turn)
-            p.future = self.transport.submit(moe_layer, batches, placement.epoch)
+            p.plan, batches = plan_dispatch(hidden, ids, placement, moe_layer, self._turn, has_dropped)
+            if batches:  # (none when the capacity limit dropped every assignment: the output is zero)
+                p.future = self.transport.submit(moe_layer, batches, placement.epoch)
             if self.recorder is not None:
-                self.recorder.record(moe_layer, ids, p.plan.slots)
+                self.recorder.record(moe_layer, ids, p.plan.slots, sent=(ids >= 0) if has_dropped else None)
         return p
 
     def finish(self, p: PendingExperts) -> torch.Tensor:
@@ -259,7 +288,8 @@ class ExpertDispatcher:
                 self._note_failure(e, p.moe_layer, quiet=waiting_since is not None)
                 placement = self._live_placement()
                 try:
-                    p.plan, batches = plan_dispatch(p.hidden, p.ids, placement, p.moe_layer)
+                    p.plan, batches = plan_dispatch(p.hidden, p.ids, placement, p.moe_layer,
+                                                    has_dropped=p.has_dropped)
                 except ExpertsUnavailable:
                     now = self._clock()
                     if waiting_since is None:
@@ -270,7 +300,8 @@ class ExpertDispatcher:
                         raise
                     self._sleep(min(1.0, 0.25 * 2 ** min(attempt, 2), waiting_since + self.restart_wait_s - now))
                     placement = self._probe_all()
-                    p.plan, batches = plan_dispatch(p.hidden, p.ids, placement, p.moe_layer)
+                    p.plan, batches = plan_dispatch(p.hidden, p.ids, placement, p.moe_layer,
+                                                    has_dropped=p.has_dropped)
                 p.future = self.transport.submit(p.moe_layer, batches, placement.epoch)
 
     def _note_failure(self, e: ShardUnavailable, moe_layer: int, quiet: bool) -> None:

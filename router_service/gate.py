@@ -59,6 +59,10 @@ __all__ = [
     "expert_capacity",
     "capacity_keep_mask",
     "count_dropped",
+    "limit_capacity",
+    "CapacityResult",
+    "expert_scores",
+    "OVERFLOW_POLICIES",
 ]
 
 _SCORINGS = ("softmax", "sigmoid")
@@ -84,6 +88,8 @@ class GateConfig:
     router_logits_fp32: bool = False
     capacity_factor: float | None = None
     """Serving-time Switch-style capacity limit; ``None`` (default) = no limit."""
+    overflow: Literal["drop", "reroute"] = "drop"
+    """What the router does with an assignment past its expert's capacity (:func:`limit_capacity`)."""
     topk_sorted: bool | None = None
     """``sorted`` argument of the final ``torch.topk``. ``None``: ``True`` for
     ``greedy``, ``False`` for the group-limited methods (as transformers 5.23).
@@ -105,6 +111,8 @@ class GateConfig:
             raise ValueError(
                 f"capacity_factor must be a finite number > 0 (or None to disable), "
                 f"got {self.capacity_factor}")
+        if self.overflow not in ("drop", "reroute"):
+            raise ValueError(f"overflow must be 'drop' or 'reroute', got {self.overflow!r}")
         if not math.isfinite(self.routed_scaling_factor):
             raise ValueError(f"routed_scaling_factor must be finite, got {self.routed_scaling_factor}")
         if self.topk_method != "greedy":
@@ -139,7 +147,8 @@ class GateConfig:
 
     @classmethod
     def from_spec(cls, moe: "MoESpec", top_k_override: int | None = None,
-                  capacity_factor: float | None = None, *, family: str | None = None) -> "GateConfig":
+                  capacity_factor: float | None = None, *, family: str | None = None,
+                  overflow: Literal["drop", "reroute"] = "drop") -> "GateConfig":
         """Gate parameters of ``moe``.
 
         Args:
@@ -148,6 +157,7 @@ class GateConfig:
                 the checkpoint's ``top_k`` (must be in ``[1, num_experts]``, and
                 reachable under group-limited routing).
             capacity_factor: optional Switch-style capacity factor (> 0).
+            overflow: ``drop`` or ``reroute`` past an expert's capacity (:func:`limit_capacity`).
             family: optional ``model_type``; ``"deepseek_v2"`` applies the
                 transformers 5.23 DeepSeek-V2 router quirks (fp32 logits,
                 ``sorted=False`` top-k, ``norm_topk_prob`` ignored).
@@ -187,6 +197,7 @@ class GateConfig:
                 routed_scaling_factor=moe.routed_scaling_factor,
                 router_logits_fp32=logits_fp32,
                 capacity_factor=capacity_factor,
+                overflow=overflow,
                 **kw,
             )
         except ValueError as e:
@@ -240,10 +251,7 @@ def select_experts(logits: Tensor, cfg: GateConfig,
     k = cfg.top_k
     sorted_ = cfg.resolved_topk_sorted
 
-    if cfg.scoring == "softmax":
-        scores = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
-    else:
-        scores = logits.to(torch.float32).sigmoid()  # [T, E]
+    scores = expert_scores(logits, cfg)  # [T, E]
 
     if cfg.topk_method == "greedy":
         weights, ids = torch.topk(scores, k, dim=-1, sorted=sorted_)
@@ -292,13 +300,14 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
     return int(math.ceil(round(capacity_factor * num_tokens * top_k / num_experts, 9)))
 
 
-def capacity_keep_mask(ids: Tensor, num_experts: int, capacity: int) -> Tensor:
+def capacity_keep_mask(ids: Tensor, num_experts: int, capacity: int, used: Tensor | None = None) -> Tensor:
     """``[T, A]`` bool: which assignments fit in ``capacity`` per expert.
 
     Assignments are served in token order, then slot order within a token
     (row-major over ``ids [T, A]``); the first ``capacity`` of each expert are
-    kept. Vectorised: a stable sort by expert gives each assignment its rank
-    within its expert.
+    kept, less ``used [E]`` already taken by earlier calls of the same step.
+    Vectorised: a stable sort by expert gives each assignment its rank within
+    its expert.
     """
     flat = ids.reshape(-1)
     n = flat.numel()
@@ -310,7 +319,112 @@ def capacity_keep_mask(ids: Tensor, num_experts: int, capacity: int) -> Tensor:
     rank_sorted = torch.arange(n, device=flat.device) - starts[sorted_ids]
     rank = torch.empty_like(rank_sorted)
     rank[order] = rank_sorted
+    if used is not None:
+        rank = rank + used.to(rank.device)[flat]
     return (rank < capacity).view(ids.shape)
+
+
+OverflowPolicy = Literal["drop", "reroute"]
+OVERFLOW_POLICIES: tuple[str, ...] = ("drop", "reroute")
+
+
+@dataclass(frozen=True)
+class CapacityResult:
+    """One call's assignments after the capacity limit (:func:`limit_capacity`)."""
+
+    weights: Tensor
+    """``[T, A]`` float32: 0 where the assignment was dropped."""
+    ids: Tensor
+    """``[T, A]`` int64: ``-1`` where dropped (the token keeps its residual there), the new expert where
+    rerouted."""
+    dropped: int
+    """Assignments that found no room (not sent anywhere)."""
+    rerouted: int
+    """Assignments moved to another expert with room."""
+    load: Tensor
+    """``[E]`` int64: assignments each expert holds after this call (``used`` included)."""
+
+    @property
+    def overflowed(self) -> int:
+        """Assignments over their expert's capacity (dropped or rerouted)."""
+        return self.dropped + self.rerouted
+
+
+def limit_capacity(weights: Tensor, ids: Tensor, num_experts: int, capacity: int, used: Tensor | None = None,
+                   policy: OverflowPolicy = "drop", scores: Tensor | None = None) -> CapacityResult:
+    """At most ``capacity`` assignments per expert over one step, ``used [E]`` of them taken by earlier
+    calls (micro-batches) of the step.
+
+    Args:
+        weights, ids: ``[T, A]`` from :func:`select_experts`.
+        policy: what happens to an assignment past its expert's capacity (assignments are served in
+            token order, then slot order): ``drop`` (id ``-1``, weight 0: the token keeps its residual
+            for it), or ``reroute``: it moves to the token's best-scoring expert (``scores [T, E]``, the
+            gate's probabilities) that still has room and that the token does not use, its weight
+            scaled by ``scores[new] / scores[old]`` (the normalisation of the slot it replaces); dropped
+            only when no such expert has room. Every expert's count stays within ``capacity``.
+    Host work: ``reroute`` walks the assignments from the first overflow on, on the host
+    (``O(T A + overflow x E)`` Python steps; ``drop`` is vectorised).
+    """
+    if policy not in OVERFLOW_POLICIES:
+        raise ValueError(f"overflow policy must be one of {', '.join(OVERFLOW_POLICIES)}, got {policy!r}")
+    t, a = ids.shape
+    if policy == "reroute" and (scores is None or scores.shape != (t, num_experts)):
+        raise ValueError(f"reroute needs the gate's scores [T={t}, E={num_experts}]")
+    used = torch.zeros(num_experts, dtype=torch.int64) if used is None else used.to("cpu", torch.int64)
+    keep = capacity_keep_mask(ids, num_experts, capacity, used)
+    load = used + torch.bincount(ids[keep].reshape(-1).cpu(), minlength=num_experts)
+    over = ~keep
+    n_over = int(over.sum())
+    if n_over == 0:
+        return CapacityResult(weights, ids, 0, 0, load)
+    out_w = torch.where(keep, weights, torch.zeros_like(weights))
+    out_ids = torch.where(keep, ids, torch.full_like(ids, -1))
+    if policy == "drop":
+        return CapacityResult(out_w, out_ids, n_over, 0, load)
+    # From the first overflow on, one assignment at a time in token order: an expert with room keeps it,
+    # else it moves to the token's best-scoring expert with room that the token does not use. The walk
+    # depends only on the assignments before it, so a step gated in micro-batches in token order (``used``
+    # carried) decides exactly as the whole step would.
+    first = int(over.reshape(-1).nonzero()[0])
+    ids_flat = ids.reshape(-1).cpu()
+    load_l = (used + torch.bincount(ids_flat[:first], minlength=num_experts)).tolist()
+    sc = scores.float().cpu()
+    ranked = torch.argsort(sc, dim=1, descending=True, stable=True).tolist()
+    sc_l, ids_l, w_l = sc.tolist(), ids.cpu().tolist(), weights.float().cpu().tolist()
+    new_ids, new_w = [list(r) for r in ids_l], [list(r) for r in w_l]
+    uses: dict[int, set[int]] = {}
+    dropped = rerouted = 0
+    for pos in range(first, t * a):
+        tok, k = divmod(pos, a)
+        e = ids_l[tok][k]
+        if load_l[e] < capacity:
+            load_l[e] += 1
+            continue
+        mine = uses.setdefault(tok, set(ids_l[tok]))
+        for cand in ranked[tok]:
+            if load_l[cand] < capacity and cand not in mine:
+                load_l[cand] += 1
+                mine.add(cand)
+                old = sc_l[tok][e]
+                new_ids[tok][k] = cand
+                new_w[tok][k] = w_l[tok][k] * sc_l[tok][cand] / old if old > 0 else w_l[tok][k]
+                rerouted += 1
+                break
+        else:
+            new_ids[tok][k], new_w[tok][k] = -1, 0.0
+            dropped += 1
+    return CapacityResult(torch.tensor(new_w, dtype=weights.dtype, device=weights.device),
+                          torch.tensor(new_ids, dtype=ids.dtype, device=ids.device), dropped, rerouted,
+                          torch.tensor(load_l, dtype=torch.int64))
+
+
+
+def expert_scores(logits: Tensor, cfg: GateConfig) -> Tensor:
+    """``[T, E]`` float32 probabilities the gate ranks experts by (softmax or sigmoid of ``logits``)."""
+    if cfg.scoring == "softmax":
+        return torch.softmax(logits, dim=-1, dtype=torch.float32)
+    return logits.to(torch.float32).sigmoid()
 
 
 def apply_capacity(weights: Tensor, ids: Tensor, num_experts: int,

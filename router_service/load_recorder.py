@@ -77,13 +77,16 @@ class LoadRecorder:
         counts = torch.zeros(n, dtype=torch.int64, device=self.device)
         return counts.index_add_(0, flat, torch.ones_like(flat))
 
-    def record(self, moe_layer: int, ids: torch.Tensor, slots: torch.Tensor | None = None) -> None:
+    def record(self, moe_layer: int, ids: torch.Tensor, slots: torch.Tensor | None = None,
+               sent: torch.Tensor | None = None) -> None:
         """Count the assignments of one MoE layer.
 
         Args:
             moe_layer: index in ``[0, L)``.
             ids: ``[T, A]`` logical experts chosen by the gate.
             slots: ``[T, A]`` physical slots they were sent to (``None``: experts only).
+            sent: ``[T, A]`` bool: only these assignments count (the capacity limit dropped the others);
+                ``None``: all. ``T`` tokens count either way.
         """
         if not 0 <= moe_layer < self.num_layers:
             raise IndexError(f"MoE layer {moe_layer} out of range [0, {self.num_layers})")
@@ -93,13 +96,17 @@ class LoadRecorder:
             raise ValueError(f"slots {list(slots.shape)} and ids {list(ids.shape)} differ in shape")
         if ids.shape[0] == 0:
             return
+        tokens = ids.shape[0]
+        if sent is not None:
+            ids = ids[sent]
+            slots = None if slots is None else slots[sent]
         e = self._counts(ids.reshape(-1), self.num_experts, "expert")
         with self._lock:  # P is read under the lock: resize_slots may run on another thread
             s = None if slots is None else self._counts(slots.reshape(-1), self._num_slots, "slot")
             self._expert[moe_layer] += e
             if s is not None:
                 self._slot[moe_layer] += s
-            self._tokens += ids.shape[0]
+            self._tokens += tokens
 
     def take(self) -> LoadSnapshot:
         """Counts since the last ``take`` (then reset to zero)."""

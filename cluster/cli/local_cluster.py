@@ -182,6 +182,14 @@ def up(cfg: ClusterConfig, address: str | None, detach: bool) -> int:
     elif not (Path(cfg.model) / "config.json").is_file():
         print(f"error: {cfg.model} is not a checkpoint directory (no config.json)", file=sys.stderr)
         return 2
+    from moeyard.cluster.config import check_moe_options
+    from moeyard.model.spec import load_spec
+
+    try:
+        check_moe_options(cfg, load_spec(cfg.model_dir()))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if cfg.require_auth:
         ensure_token(cfg.token_file())
     from moeyard.cluster.infra.redis_conn import RedisUnavailable, check_reachable

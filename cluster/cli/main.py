@@ -183,6 +183,14 @@ def _add_cluster(sub) -> None:
     p.add_argument("--deterministic", dest="deterministic", action="store_true", default=None,
                    help="batch-invariant math: a request's tokens do not depend on what else shares its batch, "
                         "which replica serves it, the placement or a shard restart (costs throughput)")
+    p.add_argument("--moe-top-k", type=int, metavar="K",
+                   help="experts per token the router chooses, instead of the checkpoint's top_k")
+    p.add_argument("--capacity-factor", type=float, metavar="F",
+                   help="expert capacity: at most ceil(F * tokens * top_k / experts) assignments per expert and "
+                        "step (Switch Transformer); default: no limit")
+    p.add_argument("--overflow", choices=["drop", "reroute"],
+                   help="past an expert's capacity: drop the assignment (default) or reroute it to the token's "
+                        "next-best expert with room")
     p.add_argument("--no-auth", dest="require_auth", action="store_false", default=None,
                    help="serve the API without a token (never do this off loopback)")
     p.add_argument("--address", help="join this Ray cluster instead of starting a head")
@@ -217,18 +225,26 @@ def _add_cluster(sub) -> None:
 
 def cmd_up(args) -> int:
     from moeyard.cluster.cli.local_cluster import up
+
+    return up(up_config(args), args.address, args.detach)
+
+
+def up_config(args):
+    """The :class:`~moeyard.cluster.config.ClusterConfig` of ``moeyard up``'s arguments: the config file with
+    the flags given on top."""
     from moeyard.cluster.config import load_config
 
     cfg = load_config(args.config, model=args.model, expert_shards=args.expert_shards,
                       attention_replicas=args.attention_replicas, api_port=args.api_port, api_host=args.api_host,
                       dtype=args.dtype, overlap=args.overlap, require_auth=args.require_auth,
-                      deterministic=args.deterministic)
+                      deterministic=args.deterministic, moe_top_k=args.moe_top_k,
+                      capacity_factor=args.capacity_factor, overflow=args.overflow)
     redis = {k: v for k, v in (("url", args.redis), ("password_file", args.redis_password_file)) if v}
     if redis:
         cfg = cfg.model_copy(update={"redis": type(cfg.redis).model_validate({**cfg.redis.model_dump(), **redis})})
     if args.autoscale is False:
         cfg = cfg.model_copy(update={"autoscaler": cfg.autoscaler.model_copy(update={"enabled": False})})
-    return up(cfg, args.address, args.detach)
+    return cfg
 
 
 def cmd_top(args) -> int:

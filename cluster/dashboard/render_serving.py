@@ -81,6 +81,16 @@ def _replica_row(r: ReplicaHealth) -> str:
     return f'<tr class="replica" data-replica="{escape(r.replica)}">{"".join(cells)}</tr>'
 
 
+def _overflow_table(sv: ServingView) -> str:
+    """Per MoE layer: (token, expert) assignments past their expert's capacity, dropped and rerouted."""
+    dropped, rerouted = sv.overflow_dropped or [], sv.overflow_rerouted or []
+    rows = (f'<tr class="overflow" data-layer="{layer}" data-dropped="{d}" data-rerouted="{r}">'
+            f"{td(str(layer))}{td(str(d))}{td(str(r))}</tr>"
+            for layer, (d, r) in enumerate(zip(dropped + [0] * (len(rerouted) - len(dropped)),
+                                              rerouted + [0] * (len(dropped) - len(rerouted)))))
+    return table(["MoE layer", "dropped", "rerouted"], rows, "overflow")
+
+
 def _shard_row(s: ShardHealth) -> str:
     """``<tr class="shard" data-shard data-healthy>`` of one shard's health."""
     cells = [
@@ -108,6 +118,8 @@ def render_serving(state: DashboardState) -> str:
         parts.append(table(headers, (_replica_row(r) for r in sv.replicas), "replicas"))
     else:
         parts.append(empty(state, "No replica has published telemetry."))
+    if sv.overflow_dropped is not None or sv.overflow_rerouted is not None:
+        parts.append("<h4>expert capacity overflow</h4>" + _overflow_table(sv))
     parts.append("<h4>shards</h4>")
     if sv.shards:
         headers = ["shard", "health", "address", "slots", "weights", "RSS", "tokens", "error"]
@@ -153,7 +165,9 @@ def _econ_rows(ec: Economics) -> list[tuple[str, str]]:
         ("family", ec.family),
         ("layers", f"{ec.num_layers} ({ec.num_moe_layers} MoE)"),
         ("routed experts per MoE layer (E)", str(ec.num_experts)),
-        ("experts per token (A, top-k)", str(ec.top_k)),
+        ("experts per token (A, top-k)", str(ec.top_k) + (
+            f" (moe_top_k; the checkpoint's is {ec.checkpoint_top_k})"
+            if ec.checkpoint_top_k and ec.checkpoint_top_k != ec.top_k else "")),
         ("total parameters", fmt_params(ec.total_params)),
         ("active parameters per token", f"{fmt_params(ec.active_params)} ({pct(ec.active_params, ec.total_params)})"),
         ("routed-expert parameters", (f"{fmt_params(ec.routed_expert_params)} "

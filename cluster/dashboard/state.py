@@ -90,6 +90,11 @@ class ReplicaHealth:
     requests_failed: int
     age_s: float
     """Seconds since the replica last published."""
+    overflow_dropped: list[int] | None = None
+    """Per MoE layer: assignments dropped past their expert's capacity since the replica started (None:
+    no capacity limit)."""
+    overflow_rerouted: list[int] | None = None
+    """Per MoE layer: assignments rerouted past their expert's capacity."""
 
 
 @dataclass
@@ -118,6 +123,9 @@ class ServingView:
     ttft_p99_s: float | None
     itl_p50_s: float | None
     itl_p99_s: float | None
+    overflow_dropped: list[int] | None = None
+    """Per MoE layer, summed over the replicas (None: no replica has a capacity limit)."""
+    overflow_rerouted: list[int] | None = None
 
 
 @dataclass

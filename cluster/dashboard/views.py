@@ -138,7 +138,25 @@ def replica_health(p: Published, now: float) -> ReplicaHealth:
         ttft_p50_s=_opt_float(s, "ttft_p50_s"), ttft_p99_s=_opt_float(s, "ttft_p99_s"),
         itl_p50_s=_opt_float(s, "itl_p50_s"), itl_p99_s=_opt_float(s, "itl_p99_s"),
         requests_finished=int(s.get("requests_finished", 0)), requests_failed=int(s.get("requests_failed", 0)),
-        age_s=max(0.0, now - p.time))
+        age_s=max(0.0, now - p.time), overflow_dropped=_int_list(s, "overflow_dropped"),
+        overflow_rerouted=_int_list(s, "overflow_rerouted"))
+
+
+def _int_list(s: dict, key: str) -> list[int] | None:
+    v = s.get(key)
+    return [int(x) for x in v] if isinstance(v, list) and all(isinstance(x, (int, float)) for x in v) else None
+
+
+def _sum_lists(lists: list[list[int] | None]) -> list[int] | None:
+    """Element-wise sum of the lists given (None when there are none)."""
+    have = [x for x in lists if x is not None]
+    if not have:
+        return None
+    out = [0] * max(len(x) for x in have)
+    for x in have:
+        for i, v in enumerate(x):
+            out[i] += v
+    return out
 
 
 def shard_health(status: dict) -> ShardHealth:
@@ -161,4 +179,6 @@ def serving_view(replicas: list[ReplicaHealth], shards: list[ShardHealth]) -> Se
         replicas=replicas, shards=shards, running=sum(r.running for r in replicas),
         waiting=sum(r.waiting for r in replicas), tokens_per_s=sum(r.tokens_per_s for r in replicas),
         ttft_p50_s=_worst([r.ttft_p50_s for r in replicas]), ttft_p99_s=_worst([r.ttft_p99_s for r in replicas]),
-        itl_p50_s=_worst([r.itl_p50_s for r in replicas]), itl_p99_s=_worst([r.itl_p99_s for r in replicas]))
+        itl_p50_s=_worst([r.itl_p50_s for r in replicas]), itl_p99_s=_worst([r.itl_p99_s for r in replicas]),
+        overflow_dropped=_sum_lists([r.overflow_dropped for r in replicas]),
+        overflow_rerouted=_sum_lists([r.overflow_rerouted for r in replicas]))

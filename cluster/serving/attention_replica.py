@@ -56,7 +56,8 @@ class AttentionReplica:
             max_num_batched_tokens=e.max_num_batched_tokens, max_model_len=e.max_model_len,
             enable_prefix_caching=e.enable_prefix_caching, attention_backend=e.attention_backend,
             overlap=c.overlap, overlap_mode=c.overlap_mode,
-            expert_restart_wait_s=c.shard_restart_wait_s, cpu_matmul=c.cpu_matmul, deterministic=c.deterministic),
+            expert_restart_wait_s=c.shard_restart_wait_s, cpu_matmul=c.cpu_matmul, deterministic=c.deterministic,
+            top_k_override=c.moe_top_k, capacity_factor=c.capacity_factor, overflow=c.overflow),
             transport=self.transport, placement=placement)
         self.engine = AsyncEngine(engine, max_waiting=e.max_waiting)
         self.pusher = None  # SinkPusher, made on first use (on this replica's event loop)
@@ -104,6 +105,9 @@ class AttentionReplica:
                                   f.flushes_failed if f else 0, f.tokens_dropped if f else 0)
         if self.transport is not None:
             self.metrics.wire(self.transport.wire_stats(), s.steps)
+        router = self.engine.engine.router
+        if router is not None and self.cfg.capacity_factor is not None:
+            self.metrics.overflow(router.overflow_counts())
 
     def _summary(self) -> dict:
         s = self.engine.stats()

@@ -33,7 +33,7 @@ class Dashboard:
             token = token or read_token_file(c.dashboard_token_file())
         client = connect(c.redis) if c.redis.enabled else None
         try:
-            econ = await asyncio.to_thread(economics, c.model_dir())
+            econ = await asyncio.to_thread(economics, c.model_dir(), c.moe_top_k)
         except Exception as e:  # an odd checkpoint must not keep the dashboard down
             log.warning("model economics unavailable: %s", e)
             econ = None

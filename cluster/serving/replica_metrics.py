@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from moeyard.router_service.grpc_transport import WireStats
 from moeyard.router_service.load_recorder import LoadSnapshot
+from moeyard.router_service.moe_router import OverflowCounts
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0)
@@ -101,6 +102,10 @@ class ReplicaMetrics:
             "moeyard:expert_tokens_by_expert", "(token, expert) rows routed to each logical expert",
             ["layer", "expert"], registry=r) if per_expert else None
         self.steps = Counter("moeyard:engine_steps", "Model steps run", registry=r)
+        self.moe_overflow = Counter(
+            "moeyard:moe_overflow", "(token, expert) assignments past their expert's capacity, per MoE layer and "
+            "outcome (dropped: the token kept its residual; rerouted: to its next-best expert with room)",
+            ["layer", "outcome"], registry=r)
         self.wire_bytes = Counter(
             "moeyard:expert_wire_bytes", "Bytes sent to the expert shards: hidden states (each token once per "
             "shard) and the index naming a row per (token, expert)", ["part"], registry=r)
@@ -125,6 +130,7 @@ class ReplicaMetrics:
         self._created = time.monotonic()
         self._flush_seen = (0, 0)  # (flushes_failed, tokens_dropped) already counted
         self._wire_seen = (WireStats(), 0)  # (wire stats, steps) already counted
+        self._overflow_seen: OverflowCounts | None = None
 
     # -- request path ------------------------------------------------------------------------
     def tokens(self, timer: RequestTimer, n: int, now: float | None = None) -> None:
@@ -193,6 +199,17 @@ class ReplicaMetrics:
         if tokens_dropped > seen_d:
             self.tokens_dropped.inc(tokens_dropped - seen_d)
 
+    def overflow(self, counts: OverflowCounts) -> None:
+        """Add the router's overflow since the previous call (its counts are cumulative, per MoE layer)."""
+        with self._lock:
+            seen, self._overflow_seen = self._overflow_seen, counts
+        if seen is None:  # every layer's series exists from the first publish (rate() needs a zero)
+            seen = OverflowCounts((0,) * len(counts.dropped), (0,) * len(counts.rerouted))
+        for outcome, now, before in (("dropped", counts.dropped, seen.dropped),
+                                     ("rerouted", counts.rerouted, seen.rerouted)):
+            for layer, (n, b) in enumerate(zip(now, before)):
+                self.moe_overflow.labels(layer=str(layer), outcome=outcome).inc(max(0, n - b))
+
     def wire(self, stats: WireStats, steps: int) -> None:
         """Add what the transport sent since the previous call (its counters are cumulative)."""
         with self._lock:
@@ -213,8 +230,11 @@ class ReplicaMetrics:
             itl = self._itl_recent.values(now)
             toks = self._tokens_recent.values(now)
             finished, failed = self._finished, self._failed
+            overflow = self._overflow_seen
         span = min(self.recent_s, max(now - self._created, 1.0))  # a young replica: its age
         return {"tokens_per_s": sum(toks) / span,
                 "ttft_p50_s": _percentile(ttft, 0.5), "ttft_p99_s": _percentile(ttft, 0.99),
                 "itl_p50_s": _percentile(itl, 0.5), "itl_p99_s": _percentile(itl, 0.99),
-                "requests_finished": finished, "requests_failed": failed}
+                "requests_finished": finished, "requests_failed": failed,
+                **({"overflow_dropped": list(overflow.dropped), "overflow_rerouted": list(overflow.rerouted)}
+                   if overflow is not None else {})}

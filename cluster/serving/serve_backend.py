@@ -150,8 +150,9 @@ class ServeBackend:
                     log.debug("request %s: cancel after the stream ended", request_id)
 
     async def model_info(self) -> dict:
-        total, active = self.spec.total_and_active_params()
-        s = self.spec
+        s, c = self.spec, self.cfg
+        served_k = (c.moe_top_k or s.moe.top_k) if s.moe else 0
+        total, active = s.total_and_active_params(served_k or None)
         info: PlacementInfo | None = await self.shard_manager.placement_info.remote()
         return {"family": s.family, "model": str(self.cfg.model_dir()), "vocab_size": s.vocab_size,
                 "max_model_len": self.cfg.engine.max_model_len or s.max_position_embeddings,
@@ -160,4 +161,5 @@ class ServeBackend:
                 "total_params": total, "active_params": active, "dtype": self.cfg.dtype or s.torch_dtype,
                 "num_expert_shards": info.num_shards if info else 0,
                 "num_attention_replicas": self.cfg.attention_replicas,
-                "placement_epoch": info.epoch if info else 0}
+                "placement_epoch": info.epoch if info else 0, "moe_top_k": served_k,
+                "capacity_factor": c.capacity_factor or 0.0, "overflow": c.overflow if c.capacity_factor else ""}

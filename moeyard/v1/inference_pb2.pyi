@@ -81,7 +81,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("family", "model", "vocab_size", "max_model_len", "num_layers", "num_moe_layers", "num_experts", "top_k", "total_params", "active_params", "dtype", "has_tokenizer", "max_new_tokens_limit", "num_expert_shards", "num_attention_replicas", "placement_epoch")
+    __slots__ = ("family", "model", "vocab_size", "max_model_len", "num_layers", "num_moe_layers", "num_experts", "top_k", "total_params", "active_params", "dtype", "has_tokenizer", "max_new_tokens_limit", "num_expert_shards", "num_attention_replicas", "placement_epoch", "moe_top_k", "capacity_factor", "overflow")
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,9 @@ class ModelInfoResponse(_message.Message):
     NUM_EXPERT_SHARDS_FIELD_NUMBER: _ClassVar[int]
     NUM_ATTENTION_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MOE_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    OVERFLOW_FIELD_NUMBER: _ClassVar[int]
     family: str
     model: str
     vocab_size: int
@@ -114,4 +117,7 @@ class ModelInfoResponse(_message.Message):
     num_expert_shards: int
     num_attention_replicas: int
     placement_epoch: int
-    def __init__(self, family: _Optional[str] = ..., model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_moe_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., total_params: _Optional[int] = ..., active_params: _Optional[int] = ..., dtype: _Optional[str] = ..., has_tokenizer: _Optional[bool] = ..., max_new_tokens_limit: _Optional[int] = ..., num_expert_shards: _Optional[int] = ..., num_attention_replicas: _Optional[int] = ..., placement_epoch: _Optional[int] = ...) -> None: ...
+    moe_top_k: int
+    capacity_factor: float
+    overflow: str
+    def __init__(self, family: _Optional[str] = ..., model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_moe_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., total_params: _Optional[int] = ..., active_params: _Optional[int] = ..., dtype: _Optional[str] = ..., has_tokenizer: _Optional[bool] = ..., max_new_tokens_limit: _Optional[int] = ..., num_expert_shards: _Optional[int] = ..., num_attention_replicas: _Optional[int] = ..., placement_epoch: _Optional[int] = ..., moe_top_k: _Optional[int] = ..., capacity_factor: _Optional[float] = ..., overflow: _Optional[str] = ...) -> None: ...
