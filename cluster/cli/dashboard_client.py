@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from moeyard.cluster.dashboard.state import (
+    BalancerView,
     DashboardState,
     EventView,
     HeatmapView,
@@ -82,6 +83,8 @@ def state_from_dict(d: dict) -> DashboardState:
         "serving": _serving_view,
         "economics": _optional(_plain(Economics)),
         "notes": _list_of(lambda v, where: str(v)),
+        "balancer": _optional(_plain(BalancerView)),
+        "warnings": _list_of(lambda v, where: str(v)),
     })
 
 

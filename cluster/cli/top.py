@@ -40,6 +40,8 @@ __all__ = ["render", "run_top", "sparkline"]
 
 HOT_MARK = "▲"
 COLD_MARK = "·"
+COLLAPSED_MARK = "▽"
+DEAD_MARK = "✕"
 REPLICA_MARK = "*"
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 MAX_EVENTS = 8
@@ -158,6 +160,15 @@ def _header(state: DashboardState) -> RenderableType:
     t.append_text(_bal_text(now))
     t.append(f"  ·  lookback {state.lookback_s:g}s", style="dim")
     lines: list[RenderableType] = [t]
+    b = state.balancer
+    if b is not None:
+        lines.append(Text(
+            "last rebalance " + ("none stored" if b.seconds_since_rebalance is None
+                                 else f"{b.seconds_since_rebalance:.0f}s ago")
+            + " · autoscaler turn " + ("never" if b.seconds_since_turn is None else f"{b.seconds_since_turn:.0f}s ago"),
+            style="bold red" if b.stalled else "dim"))
+    for w in state.warnings:
+        lines.append(Text("warning: " + w, style="bold red"))
     eco = state.economics
     if eco is not None:
         lines.append(Text(
@@ -173,6 +184,8 @@ def _heatmap(state: DashboardState, width: int | None) -> RenderableType:
         return Panel(_notes(state, "no load recorded yet"), title="expert load (tokens/s)", title_align="left")
     hot = {(int(l), int(e)) for l, e in hm.hot}
     cold = {(int(l), int(e)) for l, e in hm.cold}
+    starved = {**{(int(l), int(e)): COLLAPSED_MARK for l, e in hm.collapsed},
+               **{(int(l), int(e)): DEAD_MARK for l, e in hm.dead}}
     num_experts = max(len(row) for row in hm.rate)
     peak = max((x for row in hm.rate for x in row if x is not None), default=0.0)
     # experts per table: all of them, or as many as fit in ``width`` (layer column + border)
@@ -189,6 +202,9 @@ def _heatmap(state: DashboardState, width: int | None) -> RenderableType:
             cells: list[RenderableType] = [Text(f"L{layer} ")]
             for e in experts:
                 x = row[e] if e < len(row) else None
+                if (layer, e) in starved:                       # collapsed or dead over many windows
+                    cells.append(Text(starved[(layer, e)] + " ", style="bold red"))
+                    continue
                 if (layer, e) in cold:
                     cells.append(Text(COLD_MARK + " ", style="dim"))
                     continue
@@ -207,6 +223,8 @@ def _heatmap(state: DashboardState, width: int | None) -> RenderableType:
         legend.append("  ", style=Style(bgcolor=RAMP[i]))
     legend.append(f" {_fmt_rate(peak)} tok/s", style="dim")
     legend.append(f"   {HOT_MARK} hot (≥{hm.hot_factor:g}× layer mean)   {COLD_MARK} cold (no tokens)", style="dim")
+    legend.append(f"   {COLLAPSED_MARK} collapsed (<{hm.collapse_fraction:g}× layer mean, {hm.collapse_windows} "
+                  f"windows: {len(hm.collapsed)})   {DEAD_MARK} dead ({len(hm.dead)})", style="dim")
     title = f"expert load (tokens/s over the last {hm.span_s:g}s, windows of {hm.window_s:g}s)"
     return Panel(Group(*tables, legend), title=title, title_align="left")
 

@@ -97,6 +97,8 @@ class AutoscalerCore:
         self._redis_failing = False
         self._last_placement: Placement | None = None
         self.rebalances = 0
+        self.last_turn: float | None = None
+        """Unix seconds when :meth:`loop_once` last finished a turn (None before the first)."""
         self.event_hooks: list = []
         """Called with every :class:`Event` (metrics); a hook that raises is logged, not propagated."""
 
@@ -217,7 +219,8 @@ class AutoscalerCore:
             return fixed
 
     def loop_once(self) -> None:
-        """One turn of the background loop; never raises."""
+        """One turn of the background loop; never raises. ``last_turn`` (unix seconds) is when the last one
+        finished: the dashboard warns when it stops advancing (a stalled balancer)."""
         try:
             now = time.monotonic()
             if now - self._last_reconcile >= self.settings.reconcile_interval_s:
@@ -242,6 +245,7 @@ class AutoscalerCore:
                 log.warning("Redis unreachable (%s); the autoscaler waits for it", type(e).__name__)
         except Exception as e:
             log.exception("autoscaler turn failed: %s", e)
+        self.last_turn = time.time()
 
 
 def _redis_errors():

@@ -104,8 +104,8 @@ class DashboardSource:
     def _build(self, now: float, lookback_s: float, snap: RedisSnapshot | None, redis_error: str | None,
                notes: list[str]) -> DashboardState:
         s = self.settings
-        placement = heatmap = series = None
-        events, replicas = [], []
+        placement = heatmap = series = balancer = None
+        events, replicas, warnings = [], [], []
         if snap is not None:
             if snap.placement is not None:
                 placement = views.placement_view(snap.placement)
@@ -115,19 +115,26 @@ class DashboardSource:
             window_s = (w.window_s if w is not None and w.window_s else None) or self.window_s
             if w is not None and w.num_windows:
                 w = _since(w, now - lookback_s - window_s)
-                heatmap = views.heatmap_view(w, now, window_s, s.heatmap_span_s, s.hot_factor)
+                heatmap = views.heatmap_view(w, now, window_s, s.heatmap_span_s, s.hot_factor,
+                                             s.collapse_fraction, s.collapse_windows)
                 if placement is not None:
                     series = views.shard_series(w, now, window_s, placement.slots_per_shard)
             if heatmap is None:
                 notes.append("no whole load window yet: send some requests")
             events = views.event_views(snap.events, series)
             replicas = [views.replica_health(p, now) for p in snap.telemetry if p.component == "replica"]
+            autoscaler = next((p.summary for p in snap.telemetry if p.component == "autoscaler"), None)
+            balancer = views.balancer_view(snap.events, autoscaler, now, s.autoscaler_stall_s)
+            if balancer.stalled:
+                warnings.append(f"the autoscaler has not finished a turn for {balancer.seconds_since_turn:.0f} s: "
+                                "the balancer may be stalled (see the autoscaler's log)")
             if not replicas:
                 notes.append("no attention replica has published telemetry yet")
         serving = views.serving_view(replicas, self.shards())
         return DashboardState(time=now, model=self.model, redis_ok=snap is not None, redis_error=redis_error,
                               placement=placement, heatmap=heatmap, shard_series=series, events=events,
-                              serving=serving, economics=self.economics, lookback_s=lookback_s, notes=notes)
+                              serving=serving, economics=self.economics, lookback_s=lookback_s, notes=notes,
+                              balancer=balancer, warnings=warnings)
 
 
 def _since(w: LoadWindows, t0: float) -> LoadWindows:

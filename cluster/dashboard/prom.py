@@ -9,8 +9,12 @@ Series (``moeyard:`` names, vLLM style):
 * from the autoscaler (label ``autoscaler``): rebalances by kind and outcome, their
   durations, slots moved, bytes migrated;
 * derived here: ``moeyard:balancedness{layer}`` and ``moeyard:min_balancedness`` (mean / max
-  tokens per shard over the newest whole windows, ``heatmap_span_s``), shard up / weight bytes /
-  RSS / slots per shard, ``moeyard:redis_up``.
+  tokens per shard over the newest whole windows, ``heatmap_span_s``); ``moeyard:collapsed_experts{layer}``
+  and ``moeyard:dead_experts{layer}`` (experts starved over ``collapse_windows`` windows; per expert as
+  ``moeyard:expert_collapsed{layer,expert,state}`` only with ``per_expert_metrics``: cardinality);
+  ``moeyard:seconds_since_rebalance`` (the newest completed one among the stored events) and
+  ``moeyard:autoscaler_seconds_since_turn`` (a stalled balancer stops resetting it); shard up / weight
+  bytes / RSS / slots per shard, ``moeyard:redis_up``.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ class ClusterCollector(Collector):
             yield up
             return
         try:
-            snap = src.read_redis(src.settings.heatmap_span_s + 2 * src.window_s)
+            s = src.settings  # enough windows for the heatmap span and for the collapse test
+            snap = src.read_redis(max(s.heatmap_span_s, s.collapse_windows * src.window_s) + 2 * src.window_s)
         except Exception as e:
             log.warning("metrics: Redis unreachable (%s)", type(e).__name__)
             up.add_metric([], 0)
@@ -53,6 +58,8 @@ class ClusterCollector(Collector):
         yield up
         yield from merge_families(snap.telemetry)
         yield from self._balancedness(snap)
+        yield from self._collapse(snap)
+        yield from self._balancer(snap)
 
     def _balancedness(self, snap) -> list[Metric]:
         src = self.source
@@ -71,6 +78,46 @@ class ClusterCollector(Collector):
         worst = GaugeMetricFamily("moeyard:min_balancedness", "The minimum of moeyard:balancedness over layers")
         worst.add_metric([], min(bal))
         return [per_layer, worst]
+
+    def _collapse(self, snap) -> list[Metric]:
+        src, s = self.source, self.source.settings
+        w = snap.windows
+        if w is None or not w.num_windows:
+            return []
+        whole = views.whole_windows(w, src.clock(), w.window_s or src.window_s)
+        collapsed, dead = views.expert_collapse(w.expert_counts[whole], s.collapse_fraction, s.collapse_windows)
+        fams = [GaugeMetricFamily("moeyard:collapsed_experts", "Experts below collapse_fraction x their layer's "
+                                  "mean in each of the layer's last collapse_windows load windows with traffic "
+                                  "(dead ones included)", labels=["layer"]),
+                GaugeMetricFamily("moeyard:dead_experts", "Experts with no token in any of those windows",
+                                  labels=["layer"])]
+        for layer in range(collapsed.shape[0]):
+            fams[0].add_metric([str(layer)], int(collapsed[layer].sum() + dead[layer].sum()))
+            fams[1].add_metric([str(layer)], int(dead[layer].sum()))
+        if s.per_expert_metrics:
+            each = GaugeMetricFamily("moeyard:expert_collapsed", "1 for each collapsed or dead expert",
+                                     labels=["layer", "expert", "state"])
+            for state, mask in (("collapsed", collapsed), ("dead", dead)):
+                for layer, e in mask.nonzero().tolist():
+                    each.add_metric([str(layer), str(e), state], 1)
+            fams.append(each)
+        return fams
+
+    def _balancer(self, snap) -> list[Metric]:
+        autoscaler = next((p.summary for p in snap.telemetry if p.component == "autoscaler"), None)
+        b = views.balancer_view(snap.events, autoscaler, self.source.clock(), self.source.settings.autoscaler_stall_s)
+        fams = []
+        if b.seconds_since_rebalance is not None:
+            f = GaugeMetricFamily("moeyard:seconds_since_rebalance",
+                                  "Seconds since the newest completed rebalance the autoscaler recorded")
+            f.add_metric([], b.seconds_since_rebalance)
+            fams.append(f)
+        if b.seconds_since_turn is not None:
+            f = GaugeMetricFamily("moeyard:autoscaler_seconds_since_turn",
+                                  "Seconds since the autoscaler's loop last finished a turn (stalled: it grows)")
+            f.add_metric([], b.seconds_since_turn)
+            fams.append(f)
+        return fams
 
     def _shards(self) -> list[Metric]:
         shards = [s for s in self.source.shards() if s.shard_id >= 0]

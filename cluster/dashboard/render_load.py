@@ -2,7 +2,8 @@
 
 * ``heatmap``: routed tokens/s per (MoE layer x logical expert), one
   ``<rect class="cell">`` each, coloured by rate relative to the hottest cell;
-  hot cells outlined, cold cells hatched;
+  hot cells outlined, cold cells hatched, collapsed cells dotted and dead ones crossed (starved over
+  ``collapse_windows`` windows, not just quiet in the newest one);
 * ``shards``: per MoE layer, tokens/s per shard over the load windows, and the
   balancedness of every layer over time with the autoscaler's actions marked.
 """
@@ -48,26 +49,40 @@ def _heatmap_defs() -> str:
     return ('<defs><pattern id="hm-cold" width="5" height="5" patternUnits="userSpaceOnUse" '
             'patternTransform="rotate(45)"><rect width="5" height="5" fill="#d4d4d4"/>'
             '<line x1="0" y1="0" x2="0" y2="5" stroke="#7a7a7a" stroke-width="2"/></pattern>'
+            '<pattern id="hm-collapsed" width="6" height="6" patternUnits="userSpaceOnUse">'
+            '<rect width="6" height="6" fill="#fde0dd"/><circle cx="3" cy="3" r="1.4" fill="#ae017e"/></pattern>'
+            '<pattern id="hm-dead" width="6" height="6" patternUnits="userSpaceOnUse">'
+            '<rect width="6" height="6" fill="#3f3f3f"/><path d="M0 0L6 6M6 0L0 6" stroke="#d7301f" '
+            'stroke-width="1"/></pattern>'
             f'<linearGradient id="hm-scale" x1="0" x2="1" y1="0" y2="0">{stops}</linearGradient></defs>')
 
 
-def _cell_state(layer: int, expert: int, hot: set[tuple[int, int]], cold: set[tuple[int, int]]) -> str:
-    """``"cold"`` (takes precedence: no tokens now), ``"hot"`` or ``"normal"``."""
-    if (layer, expert) in cold:
-        return "cold"
-    return "hot" if (layer, expert) in hot else "normal"
+_STATE_FILLS = {"dead": "url(#hm-dead)", "collapsed": "url(#hm-collapsed)", "cold": "url(#hm-cold)"}
+
+
+def _cell_state(layer: int, expert: int, hot: set[tuple[int, int]], cold: set[tuple[int, int]],
+                collapsed: set[tuple[int, int]] = frozenset(), dead: set[tuple[int, int]] = frozenset()) -> str:
+    """``"dead"``, ``"collapsed"`` (starved over many windows), ``"cold"`` (no tokens in the newest one),
+    ``"hot"`` or ``"normal"``, in that order of precedence."""
+    key = (layer, expert)
+    for name, cells in (("dead", dead), ("collapsed", collapsed), ("cold", cold), ("hot", hot)):
+        if key in cells:
+            return name
+    return "normal"
 
 
 def _heat_cells(hm: HeatmapView, x0: float, y0: float, cw: float, ch: float, vmax: float) -> tuple[str, str]:
     """The cells (``<rect class="cell">`` with a ``<title>``) and the hot outlines drawn on top of them."""
     hot = {(int(p[0]), int(p[1])) for p in hm.hot}
     cold = {(int(p[0]), int(p[1])) for p in hm.cold}
+    collapsed = {(int(p[0]), int(p[1])) for p in hm.collapsed}
+    dead = {(int(p[0]), int(p[1])) for p in hm.dead}
     cells, marks = [], []
     for layer, row in enumerate(hm.rate):
         for expert, raw in enumerate(row):
             rate = finite(raw) or 0.0
-            st = _cell_state(layer, expert, hot, cold)
-            fill = "url(#hm-cold)" if st == "cold" else heat_color(rate / vmax if vmax > 0 else 0.0)
+            st = _cell_state(layer, expert, hot, cold, collapsed, dead)
+            fill = _STATE_FILLS.get(st) or heat_color(rate / vmax if vmax > 0 else 0.0)
             x, y = x0 + expert * cw, y0 + layer * ch
             data_rate = "0" if raw is None else format(float(raw), ".6g")
             tip = f"layer {layer} expert {expert}: {rate:.1f} tok/s" + ("" if st == "normal" else f" ({st})")
@@ -108,7 +123,11 @@ def _heat_legend(x0: float, y: float, vmax: float) -> str:
             f'stroke="#111" stroke-width="2"/>'
             f'<text x="{num(x0 + 197)}" y="{num(y + 9)}" font-size="10" fill="#333">hot</text>'
             f'<rect x="{num(x0 + 230)}" y="{num(y)}" width="12" height="10" fill="url(#hm-cold)"/>'
-            f'<text x="{num(x0 + 247)}" y="{num(y + 9)}" font-size="10" fill="#333">cold</text></g>')
+            f'<text x="{num(x0 + 247)}" y="{num(y + 9)}" font-size="10" fill="#333">cold</text>'
+            f'<rect x="{num(x0 + 280)}" y="{num(y)}" width="12" height="10" fill="url(#hm-collapsed)"/>'
+            f'<text x="{num(x0 + 297)}" y="{num(y + 9)}" font-size="10" fill="#333">collapsed</text>'
+            f'<rect x="{num(x0 + 355)}" y="{num(y)}" width="12" height="10" fill="url(#hm-dead)"/>'
+            f'<text x="{num(x0 + 372)}" y="{num(y + 9)}" font-size="10" fill="#333">dead</text></g>')
 
 
 def render_heatmap(state: DashboardState) -> str:
@@ -123,15 +142,17 @@ def render_heatmap(state: DashboardState) -> str:
     vmax = max((finite(v) or 0.0 for row in hm.rate for v in row), default=0.0)
     cells, marks = _heat_cells(hm, x0, y0, cw, ch, vmax)
     grid_h = num_layers * ch
-    width = max(x0 + num_experts * cw + 10, x0 + 300)
+    width = max(x0 + num_experts * cw + 10, x0 + 410)
     height = y0 + grid_h + 40
     svg = (svg_open(width, height, "heatmap", ' id="heatmap-svg"') + _heatmap_defs()
            + _heat_labels(num_layers, num_experts, x0, y0, cw, ch)
            + f'<g class="cells" stroke="#ffffff" stroke-width="0.5">{cells}</g><g class="hot-marks">{marks}</g>'
            + _heat_legend(x0, y0 + grid_h + 10, vmax) + "</svg>")
     caption = (f"Routed tokens/s per expert, averaged over the last {hm.span_s:g} s (windows of {hm.window_s:g} s); "
-               f"hot = at least {hm.hot_factor:g}× its layer's mean, cold = no token in the newest window. "
-               f"{len(hm.hot)} hot, {len(hm.cold)} cold.")
+               f"hot = at least {hm.hot_factor:g}× its layer's mean, cold = no token in the newest window, "
+               f"collapsed = below {hm.collapse_fraction:g}× its layer's mean in each of the layer's last "
+               f"{hm.collapse_windows} windows with traffic, dead = no token in any of them. "
+               f"{len(hm.hot)} hot, {len(hm.cold)} cold, {len(hm.collapsed)} collapsed, {len(hm.dead)} dead.")
     return f'<p class="caption">{escape(caption)}</p><div class="svg-wrap">{svg}</div>'
 
 

@@ -42,6 +42,18 @@ def _meta(state: DashboardState) -> str:
             f'data-time="{state.time!r}"></div>')
 
 
+def _balancer(state: DashboardState) -> str:
+    """When the autoscaler last rebalanced and last finished a turn."""
+    b = state.balancer
+    if b is None:
+        return ""
+    last = "none stored" if b.seconds_since_rebalance is None else f"{fmt_seconds(b.seconds_since_rebalance)} ago"
+    turn = "never" if b.seconds_since_turn is None else f"{fmt_seconds(b.seconds_since_turn)} ago"
+    since = "" if b.seconds_since_rebalance is None else f"{b.seconds_since_rebalance:.3f}"
+    return (f'<p class="balancer" data-stalled="{str(b.stalled).lower()}" data-since-rebalance="{since}">'
+            f"last rebalance {escape(last)} · autoscaler turn {escape(turn)}</p>")
+
+
 def _stat(name: str, label: str, value: str) -> str:
     """One total: label above a big value (``value`` already escaped)."""
     return (f'<div class="stat"><span class="stat-label">{label}</span>'
@@ -109,9 +121,10 @@ def render_serving(state: DashboardState) -> str:
     sv = state.serving
     redis = ("Redis: ok" if state.redis_ok
              else f"Redis: unavailable{': ' + state.redis_error if state.redis_error else ''}")
-    parts = [_meta(state),
-             f'<p class="redis" data-redis="{"ok" if state.redis_ok else "error"}">{escape(redis)}</p>',
-             _totals(sv), "<h4>replicas</h4>"]
+    parts = [_meta(state)]
+    parts += [f'<p class="warning" data-warning="1">{escape(w)}</p>' for w in state.warnings]
+    parts += [f'<p class="redis" data-redis="{"ok" if state.redis_ok else "error"}">{escape(redis)}</p>',
+              _balancer(state), _totals(sv), "<h4>replicas</h4>"]
     if sv.replicas:
         headers = ["replica", "running", "waiting", "KV cache", "epoch", "tok/s", "TTFT p50 / p99",
                    "ITL p50 / p99", "finished / failed", "age"]

@@ -40,8 +40,28 @@ class HeatmapView:
     hot: list[list[int]]
     """``[[layer, expert], ...]``: rate at least ``hot_factor`` x its layer's mean."""
     cold: list[list[int]]
-    """``[[layer, expert], ...]``: no token in the newest whole window while its layer had some (dead or collapsed)."""
+    """``[[layer, expert], ...]``: no token in the newest whole window while its layer had some."""
     hot_factor: float
+    collapsed: list[list[int]] = field(default_factory=list)
+    """``[[layer, expert], ...]``: below ``collapse_fraction`` x its layer's mean in each of the layer's newest
+    ``collapse_windows`` windows with traffic, but not idle in all of them (:func:`~moeyard.cluster.dashboard.
+    views.expert_collapse`)."""
+    dead: list[list[int]] = field(default_factory=list)
+    """``[[layer, expert], ...]``: no token at all in those windows."""
+    collapse_fraction: float = 0.0
+    collapse_windows: int = 0
+
+
+@dataclass
+class BalancerView:
+    """Whether the autoscaler is alive and when it last moved experts."""
+
+    seconds_since_rebalance: float | None
+    """Since the newest completed rebalance among the stored events (None: none stored)."""
+    seconds_since_turn: float | None
+    """Since the autoscaler's loop last finished a turn (None: it has not published)."""
+    stalled: bool = False
+    """``seconds_since_turn`` is past the dashboard's ``autoscaler_stall_s`` (and 3 of its intervals)."""
 
 
 @dataclass
@@ -145,3 +165,6 @@ class DashboardState:
     lookback_s: float
     notes: list[str] = field(default_factory=list)
     """Why a panel is empty (e.g. "no Redis configured", "no load windows yet")."""
+    balancer: BalancerView | None = None
+    warnings: list[str] = field(default_factory=list)
+    """Conditions an operator should act on (a stalled autoscaler), shown above the serving panel."""

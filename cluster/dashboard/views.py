@@ -12,6 +12,7 @@ import torch
 
 from moeyard.cluster.control.load_store import LoadWindows
 from moeyard.cluster.dashboard.state import (
+    BalancerView,
     EventView,
     HeatmapView,
     PlacementView,
@@ -39,13 +40,41 @@ def placement_view(p: Placement) -> PlacementView:
     return PlacementView(p.epoch, p.num_shards, p.slots_per_shard, p.phy2log.tolist(), copies.tolist())
 
 
-def heatmap_view(w: LoadWindows, now: float, window_s: float, span_s: float, hot_factor: float) -> HeatmapView | None:
+def expert_collapse(counts: torch.Tensor, fraction: float, windows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``counts [W, L, E]`` tokens per load window (oldest first) -> ``(collapsed [L, E], dead [L, E])`` bool.
+
+    Per layer, its newest ``windows`` windows with any traffic (idle windows do not break the run): an
+    expert below ``fraction`` x the layer's mean count in every one of them is flagged; ``dead`` when it
+    had no token at all, else ``collapsed``. A layer with fewer such windows flags nothing (too little
+    evidence). Pure tensor math.
+    """
+    W, L, E = counts.shape
+    collapsed = torch.zeros(L, E, dtype=torch.bool)
+    dead = torch.zeros(L, E, dtype=torch.bool)
+    c = counts.to(torch.float64)
+    active = c.sum(dim=2) > 0                                    # [W, L]
+    for layer in range(L):
+        idx = torch.nonzero(active[:, layer]).flatten()[-windows:]
+        if idx.numel() < windows:
+            continue
+        x = c[idx, layer]                                        # [N, E]
+        below = (x < fraction * x.mean(dim=1, keepdim=True)).all(dim=0)
+        none = (x == 0).all(dim=0)
+        dead[layer] = none
+        collapsed[layer] = below & ~none
+    return collapsed, dead
+
+
+def heatmap_view(w: LoadWindows, now: float, window_s: float, span_s: float, hot_factor: float,
+                 collapse_fraction: float = 0.1, collapse_windows: int = 6) -> HeatmapView | None:
     """Rates over the newest whole windows covering ``span_s``: ``expert_counts [W, L, E]`` ->
     ``rate [L, E]`` tokens/s; hot = ``rate >= hot_factor x`` the layer's mean; cold = zero tokens in
-    the newest whole window while the layer had some. None without a whole window."""
+    the newest whole window while the layer had some; collapsed and dead over every whole window
+    (:func:`expert_collapse`). None without a whole window."""
     whole = torch.nonzero(whole_windows(w, now, window_s)).flatten()
     if whole.numel() == 0:
         return None
+    collapsed, dead = expert_collapse(w.expert_counts[whole], collapse_fraction, collapse_windows)
     k = max(1, min(whole.numel(), math.ceil(span_s / window_s - 1e-9)))
     idx = whole[-k:]
     counts = w.expert_counts[idx].to(torch.float64)          # [k, L, E]
@@ -55,7 +84,23 @@ def heatmap_view(w: LoadWindows, now: float, window_s: float, span_s: float, hot
     newest = counts[-1]                                        # [L, E]
     cold = (newest == 0) & (newest.sum(dim=1, keepdim=True) > 0)
     return HeatmapView(window_s, k * window_s, rate.tolist(), torch.nonzero(hot).tolist(),
-                       torch.nonzero(cold).tolist(), hot_factor)
+                       torch.nonzero(cold).tolist(), hot_factor, torch.nonzero(collapsed).tolist(),
+                       torch.nonzero(dead).tolist(), collapse_fraction, collapse_windows)
+
+
+def balancer_view(events: list[dict], autoscaler: dict | None, now: float, stall_s: float) -> BalancerView:
+    """Seconds since the newest completed rebalance (``events``: stored, newest first) and since the
+    autoscaler's last finished turn (``autoscaler``: its published summary, ``last_turn`` unix seconds and
+    ``interval_s``); stalled past ``max(stall_s, 3 x interval_s)``."""
+    since_rebalance = next((max(0.0, now - float(e["time"])) for e in events
+                            if e.get("kind") == "rebalance" and isinstance(e.get("time"), (int, float))), None)
+    since_turn, stalled = None, False
+    if autoscaler is not None and isinstance(autoscaler.get("last_turn"), (int, float)):
+        since_turn = max(0.0, now - float(autoscaler["last_turn"]))
+        interval = autoscaler.get("interval_s")
+        limit = max(stall_s, 3 * float(interval) if isinstance(interval, (int, float)) else 0.0)
+        stalled = since_turn > limit
+    return BalancerView(since_rebalance, since_turn, stalled)
 
 
 def shard_series(w: LoadWindows, now: float, window_s: float, slots_per_shard: int) -> ShardSeries | None:

@@ -61,9 +61,15 @@ class Autoscaler:
         self.metrics = AutoscalerMetrics()
         self.core.event_hooks.append(self.metrics.observe)
         self.telemetry = TelemetryPublisher(lambda: client, prefix, "autoscaler", "0", self.metrics.registry,
+                                            summary_fn=self._summary,
                                             interval_s=c.dashboard.telemetry_interval_s).start()
         self._thread = threading.Thread(target=self._loop, name="autoscaler", daemon=True)
         self._thread.start()
+
+    def _summary(self) -> dict:
+        """For the dashboard: when the loop last finished a turn (a stalled balancer stops advancing it)."""
+        return {"last_turn": self.core.last_turn, "interval_s": self.cfg.autoscaler.interval_s,
+                "enabled": self.cfg.autoscaler.enabled}
 
     def _loop(self) -> None:
         while not self._stop.wait(self.cfg.autoscaler.interval_s):

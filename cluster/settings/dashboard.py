@@ -18,6 +18,14 @@ class DashboardSettings(BaseModel):
     heatmap_span_s: float = Field(30.0, gt=0,
                                   description="the heatmap averages the newest whole windows over this span")
     hot_factor: float = Field(2.0, gt=1, description="an expert is hot at this multiple of its layer's mean rate")
+    collapse_fraction: float = Field(
+        0.1, gt=0, lt=1, description="an expert is collapsed when its tokens stay below this fraction of its "
+                                     "layer's mean in each of collapse_windows windows (dead: none at all)")
+    collapse_windows: int = Field(6, ge=1, description="consecutive load windows (with traffic in the layer) an "
+                                                      "expert must stay below collapse_fraction to be flagged")
+    autoscaler_stall_s: float = Field(
+        60.0, gt=0, description="warn when the autoscaler's loop has not finished a turn for this long (and for "
+                                "3 of its intervals)")
     per_expert_metrics: bool = Field(
         False, description="export expert tokens per (layer, expert) on /metrics too (L x E series per replica)")
     telemetry_interval_s: float = Field(1.0, gt=0, description="how often replicas and the autoscaler publish")

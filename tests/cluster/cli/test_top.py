@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 
 from moeyard.cluster.cli.dashboard_client import state_from_dict
-from moeyard.cluster.cli.top import COLD_MARK, HOT_MARK, render, run_top, sparkline
+from moeyard.cluster.cli.top import COLD_MARK, COLLAPSED_MARK, DEAD_MARK, HOT_MARK, render, run_top, sparkline
 from moeyard.cluster.dashboard.state import (
     DashboardState,
     EventView,
@@ -170,6 +170,23 @@ def test_render_heatmap_marks_hot_and_cold():
     assert rows["L1"] == ["300", "250", "276", COLD_MARK]
     assert text.count(HOT_MARK) == 2  # the cell and the legend
     assert "hot (≥2× layer mean)" in text
+
+
+def test_render_heatmap_marks_collapsed_and_dead_and_the_stalled_balancer():
+    from moeyard.cluster.dashboard.state import BalancerView
+
+    state = make_state()
+    state.heatmap.collapsed, state.heatmap.dead = [[0, 3]], [[1, 3]]
+    state.heatmap.collapse_fraction, state.heatmap.collapse_windows = 0.1, 6
+    state.balancer = BalancerView(seconds_since_rebalance=None, seconds_since_turn=400.0, stalled=True)
+    state.warnings = ["the autoscaler has not finished a turn for 400 s"]
+    assert state_from_dict(json.loads(json.dumps(asdict(state)))) == state
+    text = to_text(state)
+    rows = _heatmap_rows(text)
+    assert rows["L0"][3] == COLLAPSED_MARK and rows["L1"][3] == DEAD_MARK   # dead before cold
+    assert "collapsed (<0.1× layer mean, 6 windows: 1)" in text and "dead (1)" in text
+    assert "last rebalance none stored · autoscaler turn 400s ago" in text
+    assert "warning: the autoscaler has not finished a turn for 400 s" in text
 
 
 def test_render_shards_balancedness_placement_serving_events():

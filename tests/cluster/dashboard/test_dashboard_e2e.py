@@ -30,6 +30,7 @@ from moeyard.client import AsyncMoeyardClient
 from moeyard.cluster.config import ClusterConfig, EngineSettings
 from moeyard.cluster.control.load_store import read_load
 from moeyard.cluster.control.placement_store import read_events, read_placement
+from moeyard.cluster.dashboard import views
 from moeyard.cluster.infra.redis_server import LocalRedis
 from moeyard.cluster.serving.app import APP_NAME, build_app
 from moeyard.cluster.settings.autoscaler import AutoscalerSettings
@@ -42,6 +43,8 @@ pytestmark = pytest.mark.timeout(600)
 TOKEN = "dashboard-e2e-token-0123456789"
 PREFIX = "dash-e2e"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+COLLAPSE_FRACTION, COLLAPSE_WINDOWS = 0.1, 3
+"""The skewed model's coldest experts (layer 1's expert 7 gets ~2% of its layer's mean) starve under it."""
 
 
 def _browser_or_skip():
@@ -89,7 +92,8 @@ def cluster(tmp_path_factory, redis_info, ray_serve):
                             window_s=1.0, flush_interval_s=0.2, socket_timeout_s=0.3),
         autoscaler=AutoscalerSettings(enabled=False, lookback_s=10, half_life_windows=50, min_gain=0.0,
                                       drain_timeout_s=10),
-        dashboard=DashboardSettings(lookback_s=120, heatmap_span_s=5, telemetry_interval_s=0.5))
+        dashboard=DashboardSettings(lookback_s=120, heatmap_span_s=5, telemetry_interval_s=0.5,
+                                    collapse_fraction=COLLAPSE_FRACTION, collapse_windows=COLLAPSE_WINDOWS))
     serve.run(build_app(cfg), name=APP_NAME, route_prefix=None)
     ingress = serve.get_app_handle(APP_NAME)
     api = ingress.address.remote().result(timeout_s=120)
@@ -196,6 +200,20 @@ def test_dashboard_shows_load_placement_and_timeline(cluster, redis_info, artifa
                 return all((layer, e) in hot for layer, e in enumerate(hottest))
             _wait(hot_matches, 30, "the hottest expert of every layer marked hot")
 
+            # starved experts: the cells flagged collapsed / dead are the ones the load windows in Redis say
+            def starved_matches():
+                w = read_load(client, PREFIX, since_s=60)
+                whole = views.whole_windows(w, time.time(), w.window_s)
+                collapsed, dead = views.expert_collapse(w.expert_counts[whole], COLLAPSE_FRACTION, COLLAPSE_WINDOWS)
+                want = {**{(l, e): "collapsed" for l, e in collapsed.nonzero().tolist()},
+                        **{(l, e): "dead" for l, e in dead.nonzero().tolist()}}
+                states = page.eval_on_selector_all(
+                    "#panel-heatmap rect.cell",
+                    "els => els.map(e => [e.dataset.layer, e.dataset.expert, e.dataset.state])")
+                got = {(int(l), int(e)): st for l, e, st in states if st in ("collapsed", "dead")}
+                return bool(want) and got == want
+            _wait(starved_matches, 30, "the starved experts flagged as Redis's windows say")
+
             # placement: what Redis holds, slot by slot, with the epoch in the heading
             epoch0, expected = _redis_placement(client)
             assert _dom_placement(page) == expected
@@ -257,8 +275,14 @@ def test_live_metrics_auth_and_top(cluster, redis_info):
     fams = _wait(lambda: (f := families()) and "moeyard:time_to_first_token_seconds" in f
                  and "moeyard:balancedness" in f and f, 60, "serving and balancedness series")
     for name in ("moeyard:num_requests_running", "moeyard:generation_tokens", "moeyard:expert_tokens",
-                 "moeyard:kv_cache_usage_perc", "moeyard:shard_up", "moeyard:redis_up"):
+                 "moeyard:kv_cache_usage_perc", "moeyard:shard_up", "moeyard:redis_up",
+                 "moeyard:autoscaler_seconds_since_turn"):
         assert name in fams, name
+    # the skewed model's starved experts are counted per layer
+    starved = _wait(lambda: (f := families()) and sum(s.value for s in f["moeyard:collapsed_experts"].samples) > 0
+                    and f["moeyard:collapsed_experts"], 60, "collapsed experts on /metrics")
+    assert {s.labels["layer"] for s in starved.samples} == {"0", "1"}
+    assert fams["moeyard:autoscaler_seconds_since_turn"].samples[0].value < 30   # the loop is alive
     gen = [s.value for s in fams["moeyard:generation_tokens"].samples if s.name.endswith("_total")]
     assert gen and gen[0] > 0
     layers = {s.labels["layer"] for s in fams["moeyard:balancedness"].samples}

@@ -260,6 +260,34 @@ def test_heatmap_one_cell_per_layer_expert(panels):
     assert {n.text for n in root.find_all("text", "label-layer")} == {"0", "1"}
 
 
+def test_heatmap_marks_collapsed_and_dead_experts_apart_from_cold():
+    state = full_state()
+    state.heatmap.collapsed, state.heatmap.dead = [[0, 2]], [[1, 3]]     # dead takes precedence over cold
+    state.heatmap.collapse_fraction, state.heatmap.collapse_windows = 0.1, 6
+    root = dom(render_panels(state)["heatmap"])
+    states = {(c.attrs["data-layer"], c.attrs["data-expert"]): (c.attrs["data-state"], c.attrs["fill"])
+              for c in root.find_all("rect", "cell")}
+    assert states[("0", "2")] == ("collapsed", "url(#hm-collapsed)")
+    assert states[("1", "3")] == ("dead", "url(#hm-dead)")
+    assert states[("0", "1")][0] == "hot" and [s for s, _ in states.values()].count("normal") == 5
+    assert "1 collapsed, 1 dead" in root.text and "below 0.1× its layer's mean" in root.text
+    svgs(render_panels(state)["heatmap"])                               # still well-formed SVG
+
+
+def test_serving_shows_the_balancer_and_its_warning():
+    from moeyard.cluster.dashboard.state import BalancerView
+
+    state = full_state()
+    state.balancer = BalancerView(seconds_since_rebalance=125.0, seconds_since_turn=400.0, stalled=True)
+    state.warnings = ["the autoscaler has not finished a turn for 400 s: <stalled>"]
+    root = dom(render_panels(state)["serving"])
+    (warning,) = root.find_all("p", "warning")
+    assert warning.text == "the autoscaler has not finished a turn for 400 s: <stalled>"   # escaped, shown
+    (bal,) = root.find_all("p", "balancer")
+    assert bal.attrs["data-stalled"] == "true" and bal.attrs["data-since-rebalance"] == "125.000"
+    assert "last rebalance" in bal.text and "autoscaler turn" in bal.text
+
+
 # --------------------------------------------------------------------------- shards
 
 
