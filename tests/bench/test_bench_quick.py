@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from bench import bench_engine, bench_wire, roofline
+from bench import bench_amx, bench_engine, bench_wire, roofline
 
 
 def _last_json(out: str) -> dict:
@@ -43,6 +43,20 @@ def test_bench_wire_quick(capsys):
     assert bench_wire.main(["--quick"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n") >= 5 and "[256, 7168]" in out
+
+
+def test_bench_amx_quick(capsys):
+    from moeyard.model import amx
+
+    assert bench_amx.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("machine: {")
+    why = amx.unavailable()
+    if why is not None:                       # a CPU without AMX: it says why and measures nothing
+        assert f"the AMX kernel cannot run here: {why}" in out
+        return
+    rows = [line for line in out.splitlines() if line.startswith("| gate/up") or line.startswith("| down")]
+    assert len(rows) == 4 and all(line.count("|") == 9 for line in rows)
 
 
 def test_bench_engine_refuses_an_unknown_system():
