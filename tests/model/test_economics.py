@@ -226,3 +226,17 @@ def test_dense_equivalent():
 def test_dense_equivalent_rejects(args):
     with pytest.raises(ValueError):
         dense_equivalent(*args)
+
+
+def test_a_served_top_k_changes_the_active_count(hf_models):
+    """A deployment's ``moe_top_k``: active and dense-equivalent counts follow it, the checkpoint's stays."""
+    ckpt, _ = hf_models("mixtral")
+    base, one = economics(ckpt), economics(ckpt, top_k=1)
+    assert (base.top_k, base.checkpoint_top_k, one.top_k, one.checkpoint_top_k) == (2, 2, 1, 2)
+    assert one.total_params == base.total_params
+    per_expert_all_layers = base.routed_expert_params // base.num_experts
+    assert base.active_params - one.active_params == per_expert_all_layers      # one expert fewer per layer
+    assert one.dense_equivalent_params == dense_equivalent(base.total_params, 8, 1)
+    assert economics(ckpt, top_k=2) == base
+    with pytest.raises(ValueError, match=r"top_k 9 must be in \[1, 8\]"):
+        economics(ckpt, top_k=9)
