@@ -40,11 +40,18 @@ EXPECTED_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "moeyard:rebalances_total": ("counter", ("kind", "outcome")),
     "moeyard:slots_moved_total": ("counter", ()),
     "moeyard:migrated_bytes_total": ("counter", ()),
+    "moeyard:moe_overflow_total": ("counter", ("replica", "layer", "outcome")),
+    "moeyard:collapsed_experts": ("gauge", ("layer",)),
+    "moeyard:dead_experts": ("gauge", ("layer",)),
+    "moeyard:autoscaler_seconds_since_turn": ("gauge", ()),
+    "moeyard:seconds_since_rebalance": ("gauge", ()),
 }
 """Every series family the cluster's ``/metrics`` exposes: name -> (type, labels)."""
 
-OPTIONAL_METRICS = {"moeyard:expert_tokens_by_expert_total"}
-"""Exposed only when per-expert metrics are enabled: the dashboard may use them but need not."""
+OPTIONAL_METRICS = {"moeyard:expert_tokens_by_expert_total", "moeyard:moe_overflow_total",
+                    "moeyard:seconds_since_rebalance"}
+"""Exposed only when per-expert metrics are enabled, with a capacity factor, or after a rebalance: the
+dashboard may use them but need not."""
 
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 METRIC_RE = re.compile(r"moeyard:[a-zA-Z0-9_:]+")
