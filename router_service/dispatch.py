@@ -84,8 +84,6 @@ def plan_dispatch(hidden: torch.Tensor, ids: torch.Tensor, placement: Placement,
     # which (shard, token) pairs occur: [num_shards, T]; its running count numbers them shard-major
     pair = ((slots // sps).clamp(max=num_shards) * t + torch.arange(t, device=dev).unsqueeze(1)).reshape(-1)
     seen = torch.zeros((num_shards + extra) * t, dtype=torch.int32, device=dev).index_fill_(0, pair, 1)
-    if extra:
-        seen[num_shards * t:] = 0                              # dropped rows name no token to send
     per_shard = seen[:num_shards * t].view(num_shards, t).sum(1)
     host = torch.cat([per_slot, per_shard]).tolist()           # the one host sync
     per_slot_l, per_shard_l = host[:placement.num_slots], host[placement.num_slots:]

@@ -378,10 +378,9 @@ def limit_capacity(weights: Tensor, ids: Tensor, num_experts: int, capacity: int
     n_over = int(over.sum())
     if n_over == 0:
         return CapacityResult(weights, ids, 0, 0, load)
-    out_w = torch.where(keep, weights, torch.zeros_like(weights))
-    out_ids = torch.where(keep, ids, torch.full_like(ids, -1))
     if policy == "drop":
-        return CapacityResult(out_w, out_ids, n_over, 0, load)
+        return CapacityResult(torch.where(keep, weights, torch.zeros_like(weights)),
+                              torch.where(keep, ids, torch.full_like(ids, -1)), n_over, 0, load)
     # From the first overflow on, one assignment at a time in token order: an expert with room keeps it,
     # else it moves to the token's best-scoring expert with room that the token does not use. The walk
     # depends only on the assignments before it, so a step gated in micro-batches in token order (``used``
