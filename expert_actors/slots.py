@@ -182,7 +182,7 @@ class LayerStorage:
 
     def write(self, row: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
         if self.packed:
-            self.w13[row], self.w2[row] = pack(w13, self.kernel), pack(w2, self.kernel)
+            self.w13[row], self.w2[row] = pack(w13, self.kernel, gate_up=True), pack(w2, self.kernel)
             return
         self.w13[row].copy_(w13)
         self.w2[row].copy_(w2)

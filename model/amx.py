@@ -116,13 +116,31 @@ def pack_weight(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(n // BLOCK, 2, 16, k // BLOCK, 16, 2).permute(0, 3, 1, 4, 2, 5).contiguous()
 
 
-def grouped_linear(x: torch.Tensor, counts: list[int], weights: list[torch.Tensor]) -> torch.Tensor:
+def pack_gate_up(w13: torch.Tensor) -> torch.Tensor:
+    """``w13 [2I, K]`` bf16 (gate rows first, then up) -> :func:`pack_weight` of its rows reordered so that
+    output block ``j``'s two tiles are gate rows ``16j ..+16`` and up rows ``16j ..+16``: what
+    :func:`grouped_linear` with ``swiglu`` reads."""
+    n, k = w13.shape
+    if not fits(n, k):
+        raise ValueError(f"the AMX kernel needs both weight dimensions to be multiples of {BLOCK}, got {n}x{k}")
+    inter = n // 2
+    gate, up = w13[:inter].reshape(inter // 16, 16, k), w13[inter:].reshape(inter // 16, 16, k)
+    return pack_weight(torch.stack([gate, up], dim=1).reshape(n, k))
+
+
+def grouped_linear(x: torch.Tensor, counts: list[int], weights: list[torch.Tensor], *, swiglu: bool = False,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """``x [N, K]`` bf16, segment ``s`` its next ``counts[s]`` rows, times ``weights[s]``
-    (:func:`pack_weight` ``([N_out, K])``) -> ``[N, N_out]`` bf16 (fp32 sums, rounded once). RuntimeError
-    where the kernel cannot run (:func:`unavailable` says why)."""
+    (:func:`pack_weight` ``([N_out, K])``) -> ``[N, N_out]`` bf16 (fp32 sums, rounded once).
+
+    ``swiglu``: the weights are :func:`pack_gate_up` ``([2I, K])`` and the result is ``[N, I]``,
+    ``silu(gate) * up`` from the fp32 sums, rounded once. ``out``: a contiguous bf16 tensor of the
+    result's shape to write into (a scratch buffer the caller keeps); returned. RuntimeError where the
+    kernel cannot run (:func:`unavailable` says why)."""
     if (why := unavailable()) is not None:
         raise RuntimeError(f"the AMX kernel cannot run here: {why}")
-    return torch.ops.moeyard_amx.grouped_linear(x if x.is_contiguous() else x.contiguous(), counts, weights)
+    return torch.ops.moeyard_amx.grouped_linear(x if x.is_contiguous() else x.contiguous(), counts, weights,
+                                                swiglu, out)
 
 
 class AmxLinear:
@@ -130,20 +148,28 @@ class AmxLinear:
 
     Built once from the plain bf16 weight (which it does not keep; ``shape``, ``dtype`` and ``nbytes``
     are the plain weight's). A bias is added to the rounded product (one more bf16 rounding than a
-    fused bias; within bf16 tolerance of torch's ``F.linear``)."""
+    fused bias; within bf16 tolerance of torch's ``F.linear``).
 
-    __slots__ = ("packed", "shape", "dtype", "nbytes")
+    ``gate_up``: the weight is a SwiGLU's gate and up projections stacked (``[2I, K]``, gate first), packed
+    by :func:`pack_gate_up` for :func:`grouped_linear`'s ``swiglu`` (which computes the activation
+    ``silu(gate) * up`` ``[T, I]``); such a weight is not called as a plain linear."""
 
-    def __init__(self, weight: torch.Tensor):
+    __slots__ = ("packed", "shape", "dtype", "nbytes", "gate_up")
+
+    def __init__(self, weight: torch.Tensor, gate_up: bool = False):
         if weight.dim() != 2 or weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
             raise ValueError(f"AmxLinear needs a 2-D bfloat16 CPU weight, got {tuple(weight.shape)} "
                              f"{weight.dtype} on {weight.device}")
-        self.packed = pack_weight(weight.detach())
+        self.packed = pack_gate_up(weight.detach()) if gate_up else pack_weight(weight.detach())
+        self.gate_up = gate_up
         self.shape = weight.shape
         self.dtype = weight.dtype
         self.nbytes = weight.nbytes
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.gate_up:
+            raise TypeError("a gate_up AmxLinear is packed for the SwiGLU activation: use "
+                            "grouped_linear(..., swiglu=True)")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         y = grouped_linear(x2, [x2.shape[0]], [self.packed])
@@ -152,4 +178,4 @@ class AmxLinear:
         return y.reshape(*lead, self.shape[0])
 
     def __repr__(self) -> str:
-        return f"AmxLinear(shape={tuple(self.shape)}, dtype={self.dtype})"
+        return f"AmxLinear(shape={tuple(self.shape)}, dtype={self.dtype}{', gate_up' if self.gate_up else ''})"

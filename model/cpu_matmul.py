@@ -144,11 +144,13 @@ def is_batch_invariant(w: Weight) -> bool:
     return isinstance(w, AmxLinear)
 
 
-def pack(w: torch.Tensor | None, kernel: str) -> Weight | None:
+def pack(w: torch.Tensor | None, kernel: str, gate_up: bool = False) -> Weight | None:
     """``w`` as the ``kernel`` (``resolve_matmul``'s answer) runs it: in the AMX kernel's order (where
-    its shape fits, else packed for oneDNN), packed, or as it is."""
+    its shape fits, else packed for oneDNN), packed, or as it is. ``gate_up``: ``w`` is a SwiGLU's gate
+    and up projections stacked (``[2I, K]``, gate first); in the AMX kernel's order it is packed for the
+    kernel's fused activation (:class:`~moeyard.model.amx.AmxLinear` ``gate_up``)."""
     if w is None or kernel == "plain":
         return w
     if kernel == "amx" and amx.fits(*w.shape):
-        return AmxLinear(w)
+        return AmxLinear(w, gate_up=gate_up)
     return PackedLinear(w)

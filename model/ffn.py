@@ -28,6 +28,7 @@ other devices run each segment at its own size.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -69,8 +70,12 @@ def grouped_swiglu(x: torch.Tensor, counts: list[int] | torch.Tensor, w13: torch
     inter = w2[slot_index[0]].shape[-1]   # (a packed shard's free rows are None)
     if isinstance(w13[slot_index[0]], AmxLinear) and isinstance(w2[slot_index[0]], AmxLinear):
         # one kernel call per projection for every segment; batch-invariant as it is
-        h = amx.grouped_linear(x, counts, [w13[w].packed for w in slot_index])
-        act = F.silu(h[:, :inter]) * h[:, inter:]
+        gate_up = [w13[w].packed for w in slot_index]
+        if w13[slot_index[0]].gate_up:  # the activation computed by the kernel, into this thread's scratch
+            act = amx.grouped_linear(x, counts, gate_up, swiglu=True, out=_scratch(x.shape[0], inter))
+        else:
+            h = amx.grouped_linear(x, counts, gate_up)
+            act = F.silu(h[:, :inter]) * h[:, inter:]
         return amx.grouped_linear(act, counts, [w2[w].packed for w in slot_index])
     if batch_invariant.enabled():  # each segment in calls of a fixed row count (model/batch_invariant.py)
         start = 0
@@ -102,6 +107,19 @@ def grouped_swiglu(x: torch.Tensor, counts: list[int] | torch.Tensor, w13: torch
         out[start:start + n] = y[:n] if m != n else y
         start += n
     return out
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(rows: int, cols: int) -> torch.Tensor:
+    """A ``[rows, cols]`` bf16 CPU buffer of the calling thread's, reused from call to call (grown when
+    short): a prefill-sized activation allocated afresh would page-fault its megabytes in every call.
+    Valid until this thread's next call."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < rows * cols:
+        buf = _SCRATCH.buf = torch.empty(rows * cols, dtype=torch.bfloat16)
+    return buf[:rows * cols].view(rows, cols)
 
 
 def grouped_swiglu_gemm(x: torch.Tensor, counts: Sequence[int], w13: torch.Tensor, w2: torch.Tensor,

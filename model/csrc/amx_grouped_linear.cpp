@@ -1,8 +1,12 @@
 // Grouped bf16 linear on AMX tiles: every segment of sorted tokens times its own prepacked weight, in one call.
 //
-// moeyard::amx_grouped_linear(x [N, K] bf16, counts [S], weights S x [N_out / 32, K / 32, 2, 16, 16, 2] bf16)
-//   -> [N, N_out] bf16.  Segment s is rows sum(counts[:s]) .. + counts[s] of x; its output rows are
-//   x_s @ W_s^T with fp32 accumulation, rounded to bf16 once (round to nearest even).
+// moeyard::amx_grouped_linear(x [N, K] bf16, counts [S], weights S x [N_out / 32, K / 32, 2, 16, 16, 2] bf16,
+//   swiglu, out) -> [N, N_out] bf16 ([N, N_out / 2] with swiglu).  Segment s is rows sum(counts[:s]) ..
+//   + counts[s] of x; its output rows are x_s @ W_s^T with fp32 accumulation, rounded to bf16 once (round
+//   to nearest even). With swiglu, each block's two 16-column tiles are an expert's gate and up columns
+//   16j .. 16j + 16 (model/amx.py packs them so), and the block writes silu(gate) * up, computed from the
+//   fp32 sums and rounded once, to output columns 16j .. 16j + 16: SwiGLU's activation with no [N, 2I]
+//   intermediate. out (optional): where to write the result (a scratch buffer the caller keeps).
 //
 // Weight layout (model/amx.py packs it): for output block j (32 columns, two 16-column tiles) and
 // K chunk c (32 inputs), two AMX B tiles of 16 rows x 64 bytes; tile t row r holds columns
@@ -12,6 +16,7 @@
 // Work: (segment, output block) pairs split evenly over torch's intra-op threads; each pair runs its
 // segment's rows in chunks of 32 (two A tiles) against the block's stream, re-read from cache for the
 // second and later chunks. Tile registers: C 0-3 (rows 0-15 / 16-31 x columns 0-15 / 16-31), A 4-5, B 6-7.
+// No per-call allocation beyond the result: the packed A tiles live in a buffer kept per calling thread.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -52,6 +57,32 @@ void load_tile_config() {
     cfg.colsb[t] = 64;
   }
   _tile_loadconfig(&cfg);
+}
+
+// exp(x) for 16 floats: Cephes' expf (range reduction by ln 2, degree-5 polynomial, 2^n by scalef); within
+// 2 ulp of expf over [-87, 88], saturating outside (0 / inf after the clamp's 2^127 scale).
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One row of a SwiGLU block: silu(gate) * up from the fp32 sums (gate columns 0-15, up 16-31), to 16 bf16.
+inline void store_swiglu_row(const float* src, at::BFloat16* dst) {
+  const __m512 g = _mm512_loadu_ps(src);
+  const __m512 u = _mm512_loadu_ps(src + 16);
+  const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(silu, u))));
 }
 
 inline void store_bf16_row(const float* src, at::BFloat16* dst) {
@@ -103,7 +134,8 @@ void accumulate(const at::BFloat16* a, const at::BFloat16* b, int64_t c0, int64_
   }
 }
 
-at::Tensor amx_grouped_linear(const at::Tensor& x, at::IntArrayRef counts, at::TensorList weights) {
+at::Tensor amx_grouped_linear(const at::Tensor& x, at::IntArrayRef counts, at::TensorList weights, bool swiglu,
+                              const c10::optional<at::Tensor>& out_opt) {
   TORCH_CHECK(amx_permitted(), "amx_grouped_linear: the kernel refused AMX tile state to this process");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(),
               "amx_grouped_linear: x must be a 2-D bfloat16 CPU tensor");
@@ -127,8 +159,16 @@ at::Tensor amx_grouped_linear(const at::Tensor& x, at::IntArrayRef counts, at::T
     total += counts[s];
   }
   TORCH_CHECK(total == n_rows, "amx_grouped_linear: counts sum to ", total, ", x has ", n_rows, " rows");
-  if (out_features < 0) return at::empty({n_rows, 0}, x.options());
-  at::Tensor out = at::empty({n_rows, out_features}, x.options());
+  const int64_t out_cols = swiglu ? out_features / 2 : out_features;
+  at::Tensor out;
+  if (out_opt.has_value()) {
+    out = *out_opt;
+    TORCH_CHECK(out.dim() == 2 && out.size(0) == n_rows && out.size(1) == (out_features < 0 ? 0 : out_cols) &&
+                    out.scalar_type() == at::kBFloat16 && out.is_contiguous(),
+                "amx_grouped_linear: out must be a contiguous [", n_rows, ", ", out_cols, "] bfloat16 tensor");
+  }
+  if (out_features < 0) return out.defined() ? out : at::empty({n_rows, 0}, x.options());
+  if (!out.defined()) out = at::empty({n_rows, out_cols}, x.options());
   const at::Tensor xc = x.contiguous();
 
   // Row chunks: each segment's rows in chunks of at most 32, chunk q's A tiles packed into
@@ -151,7 +191,12 @@ at::Tensor amx_grouped_linear(const at::Tensor& x, at::IntArrayRef counts, at::T
   seg_first.push_back(static_cast<int64_t>(chunks.size()));
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
   const int64_t chunk_elems = k_chunks * kBlock * kBlock;
-  at::Tensor ap = at::empty({n_chunks, k_chunks, kBlock, kBlock}, x.options());
+  // The packed A tiles: a buffer kept per calling thread and grown as needed (a fresh one per call would
+  // page-fault its megabytes in again on every prefill-sized call).
+  thread_local at::Tensor ap_buffer;
+  if (!ap_buffer.defined() || ap_buffer.numel() < n_chunks * chunk_elems)
+    ap_buffer = at::empty({n_chunks * chunk_elems}, x.options());
+  const at::Tensor& ap = ap_buffer;
   const at::BFloat16* xd = xc.data_ptr<at::BFloat16>();
   at::BFloat16* apd = ap.data_ptr<at::BFloat16>();
   at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
@@ -208,8 +253,13 @@ at::Tensor amx_grouped_linear(const at::Tensor& x, at::IntArrayRef counts, at::T
       }
       for (int64_t q = first; q < last; ++q) {
         const float* aq = acc.data() + (q - first) * kBlock * kBlock;
-        at::BFloat16* o = od + chunks[q].row * out_features + j * kBlock;
-        for (int64_t r = 0; r < chunks[q].rows; ++r) store_bf16_row(aq + r * kBlock, o + r * out_features);
+        if (swiglu) {
+          at::BFloat16* o = od + chunks[q].row * out_cols + j * 16;
+          for (int64_t r = 0; r < chunks[q].rows; ++r) store_swiglu_row(aq + r * kBlock, o + r * out_cols);
+        } else {
+          at::BFloat16* o = od + chunks[q].row * out_cols + j * kBlock;
+          for (int64_t r = 0; r < chunks[q].rows; ++r) store_bf16_row(aq + r * kBlock, o + r * out_cols);
+        }
       }
     }
     _tile_release();
@@ -220,7 +270,7 @@ at::Tensor amx_grouped_linear(const at::Tensor& x, at::IntArrayRef counts, at::T
 }  // namespace
 
 TORCH_LIBRARY(moeyard_amx, m) {
-  m.def("grouped_linear(Tensor x, int[] counts, Tensor[] weights) -> Tensor");
+  m.def("grouped_linear(Tensor x, int[] counts, Tensor[] weights, bool swiglu=False, Tensor? out=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moeyard_amx, CPU, m) {

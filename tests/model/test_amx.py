@@ -58,6 +58,10 @@ def test_pack_weight_puts_each_pair_where_the_tiles_read_it():
     # block j, K chunk c, tile t, row r, column q, pair i  <-  w[32j + 16t + q, 32c + 2r + i]
     for j, c, t, r, q, i in [(0, 0, 0, 0, 0, 0), (1, 2, 1, 15, 15, 1), (0, 1, 1, 3, 7, 0), (1, 0, 0, 9, 2, 1)]:
         assert p[j, c, t, r, q, i] == w[32 * j + 16 * t + q, 32 * c + 2 * r + i]
+    # gate_up: block j's tile 0 is gate row 16j + q, tile 1 up row 16j + q (up starts at row n / 2)
+    p = amx.pack_gate_up(w)
+    for j, c, t, r, q, i in [(0, 0, 0, 0, 0, 0), (1, 2, 1, 15, 15, 1), (0, 1, 1, 3, 7, 0), (1, 0, 0, 9, 2, 1)]:
+        assert p[j, c, t, r, q, i] == w[t * n // 2 + 16 * j + q, 32 * c + 2 * r + i]
 
 
 @pytest.mark.parametrize("n, k", [(64, 32), (96, 160), (5632 // 8, 1024 // 4), (64, 1024), (32, 2816)])
@@ -98,6 +102,50 @@ def test_a_rows_result_does_not_depend_on_the_rest_of_the_call():
         assert torch.equal(shifted[3], whole[i]), i     # another segment before it, another position
 
 
+@pytest.mark.parametrize("inter, k", [(16, 64), (48, 1024), (352, 2816)])
+def test_the_swiglu_epilogue_is_the_activation_of_the_fp32_sums(inter, k):
+    """``swiglu``: silu(gate) * up from the fp32 sums, rounded once; bounded by one bf16 rounding plus how
+    far another fp32 order moves the sums through the activation (|silu'| <= 1.1)."""
+    if not runs_here():
+        return
+    g = torch.Generator().manual_seed(inter + k)
+    ws = [(torch.randn(2 * inter, k, generator=g) * 0.05).to(torch.bfloat16) for _ in range(3)]
+    packed = [amx.pack_gate_up(w) for w in ws]
+    for counts in ([1, 0, 2], [33, 0, 17], [200, 3, 40]):
+        x = (torch.randn(sum(counts), k, generator=g) * 2).to(torch.bfloat16)
+        got = amx.grouped_linear(x, counts, packed, swiglu=True)
+        assert got.shape == (sum(counts), inter) and got.dtype == torch.bfloat16
+        start = 0
+        for c, w in zip(counts, ws):
+            seg = x[start:start + c].float()
+            sums = seg @ w.float().t()
+            order = k * 2.0 ** -24 * (seg.abs() @ w.float().abs().t())
+            gate, up = sums[:, :inter], sums[:, inter:]
+            floor = 1.1 * up.abs() * order[:, :inter] + F.silu(gate).abs() * order[:, inter:]
+            within_one_rounding(got[start:start + c], (F.silu(gate) * up).to(torch.bfloat16), floor)
+            start += c
+    # a row's activation is its own, whatever else is in the call
+    whole = amx.grouped_linear(x, counts, packed, swiglu=True)
+    alone = amx.grouped_linear(x[5:6], [1, 0, 0], packed, swiglu=True)
+    assert torch.equal(alone[0], whole[5])
+
+
+def test_out_is_written_in_place_and_checked():
+    if not runs_here():
+        return
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(64, 96, generator=g) * 0.1).to(torch.bfloat16)
+    x = torch.randn(5, 96, generator=g).to(torch.bfloat16)
+    out = torch.full((5, 32), float("nan"), dtype=torch.bfloat16)
+    got = amx.grouped_linear(x, [5], [amx.pack_gate_up(w)], swiglu=True, out=out)
+    assert got.data_ptr() == out.data_ptr() and torch.equal(out, amx.grouped_linear(x, [5], [amx.pack_gate_up(w)],
+                                                                                     swiglu=True))
+    with pytest.raises(RuntimeError, match=r"out must be a contiguous \[5, 32\] bfloat16"):
+        amx.grouped_linear(x, [5], [amx.pack_gate_up(w)], swiglu=True, out=torch.empty(5, 64, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="packed for the SwiGLU activation"):
+        AmxLinear(w, gate_up=True)(x)
+
+
 def test_bad_calls_are_errors_that_name_the_problem():
     if not runs_here():
         return
@@ -135,6 +183,8 @@ def test_amx_linear_and_the_experts_equal_the_torch_path():
     want = grouped_swiglu(x, counts, w13, w2, rows)
     got = grouped_swiglu(x, counts, [AmxLinear(w) for w in w13], [AmxLinear(w) for w in w2], rows)
     torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)
+    fused = grouped_swiglu(x, counts, [pack(w, "amx", gate_up=True) for w in w13], [AmxLinear(w) for w in w2], rows)
+    torch.testing.assert_close(fused.float(), want.float(), rtol=0.02, atol=0.02)
 
 
 def test_a_missing_compiler_is_named_and_a_stale_build_lock_goes(monkeypatch, tmp_path):
